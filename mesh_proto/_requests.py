@@ -1,0 +1,246 @@
+"""Parsing and validation of untrusted request input.
+
+Each parser takes raw values (query string, body bytes) and either returns a typed, frozen
+input or raises `ClientError` (a `BadRequest`, `NotFound` or `PayloadTooLarge`) carrying the
+reply. Nothing else escapes: a property test feeds them arbitrary bytes to prove it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import attrs
+
+from ._errors import BadRequest, NotFound, PayloadTooLarge
+from ._json import loads
+from ._status import ALIASES, Status, StatusEvent
+
+MAX_BODY: Final = 10 * 1024 * 1024
+MAX_TIMEOUT: Final = 10 * 365 * 24 * 3600.0
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+FORBIDDEN_KEYS: Final = ("route", "route_next", "next")
+# Actor and namespace names become part of a queue name (`asya-{namespace}-{actor}`), so they
+# are held to what RabbitMQ, SQS and Kubernetes all accept.
+_NAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+
+
+def parse_query(query: str | bytes) -> dict[str, str]:
+    """A query string as a dict (the last of repeated keys wins).
+
+    Raises:
+        BadRequest: the query is not valid percent-encoded UTF-8.
+    """
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    try:
+        return dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("invalid query string") from None
+
+
+def check_body_size(size: int) -> None:
+    """Raise `PayloadTooLarge` if a body of `size` bytes is over the 10 MiB limit."""
+    if size > MAX_BODY:
+        raise PayloadTooLarge(f"body larger than {MAX_BODY} bytes")
+
+
+def parse_id(raw: str) -> str:
+    """An envelope id from a path: a UUID in canonical form, else `NotFound`.
+
+    Ids are minted by the mesh API as UUID4s, so anything else cannot name an envelope.
+    """
+    try:
+        parsed = uuid.UUID(raw)
+    except ValueError:
+        raise NotFound("envelope not found") from None
+    if str(parsed) != raw:
+        raise NotFound("envelope not found")
+    return raw
+
+
+def _name(value: str | None, what: str) -> str:
+    if not value:
+        raise BadRequest(f"missing {what}")
+    if not _NAME.fullmatch(value):
+        raise BadRequest(
+            f"invalid {what} {value[:80]!r}: use letters, digits, '-', '_' or '.', "
+            "at most 63 characters"
+        )
+    return value
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    check_body_size(len(body))
+    if not body.strip():
+        return {}
+    value = loads(body, what=what)
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class CreateRequest:
+    """`POST {prefix}/mesh/?actor=A[&namespace=N]` with `{"payload", "headers", "timeout"}`."""
+
+    actor: str
+    namespace: str | None = None
+    payload: Any = None
+    headers: Mapping[str, Any] = attrs.field(factory=dict)
+    timeout: float = 0.0
+
+    @classmethod
+    def parse(cls, query: str | bytes, body: bytes) -> CreateRequest:
+        """Validate a create request.
+
+        Raises:
+            BadRequest: missing/invalid actor or namespace, invalid JSON, a body that is not an
+                object, `headers` not an object, `timeout` not a non-negative number, or a
+                routing key (`route`, `route_next`, `next`) in the body.
+            PayloadTooLarge: body over 10 MiB.
+        """
+        params = parse_query(query)
+        actor = _name(params.get("actor"), "actor")
+        namespace = params.get("namespace")
+        if namespace is not None:
+            namespace = _name(namespace, "namespace")
+        fields = _json_object(body, "body")
+        for key in FORBIDDEN_KEYS:
+            if key in fields:
+                raise BadRequest(f"field {key!r} is not allowed: the route is the mesh's to set")
+        headers = fields.get("headers", {})
+        if headers is None:
+            headers = {}
+        if not isinstance(headers, dict):
+            raise BadRequest("headers must be a JSON object")
+        timeout = fields.get("timeout", 0)
+        if timeout is None:
+            timeout = 0
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise BadRequest("timeout must be a non-negative number of seconds")
+        if timeout > MAX_TIMEOUT:
+            raise BadRequest(f"timeout must be at most {MAX_TIMEOUT:.0f} seconds")
+        return cls(
+            actor=actor,
+            namespace=namespace,
+            payload=fields.get("payload"),
+            headers=headers,
+            timeout=float(timeout),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ListQuery:
+    """`GET {prefix}/mesh/?status=&limit=&offset=`."""
+
+    status: Status | None = None
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    @classmethod
+    def parse(cls, query: str | bytes) -> ListQuery:
+        """Validate list parameters.
+
+        Raises:
+            BadRequest: unknown status (names are exact and lower-case), `limit` outside
+                1..1000, or a negative or non-integer `offset`.
+        """
+        params = parse_query(query)
+        status = None
+        if "status" in params:
+            try:
+                status = Status(params["status"])
+            except ValueError:
+                raise BadRequest(
+                    f"invalid status {params['status'][:40]!r}: one of "
+                    + ", ".join(s.value for s in Status)
+                ) from None
+        limit = _integer(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = _integer(params.get("offset"), "offset", 0, 0, None)
+        return cls(status=status, limit=limit, offset=offset)
+
+
+def _integer(raw: str | None, what: str, default: int, low: int, high: int | None) -> int:
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest(f"{what} must be an integer")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"{what} must be {bound}")
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class FlyEvent:
+    """An ephemeral event (a streamed token, ...): published, never stored. `data` is any JSON."""
+
+    data: Any = None
+
+
+def parse_event(body: bytes) -> StatusEvent | FlyEvent:
+    """Parse an internal-port event body.
+
+    `{"type": "status", "status": S, "data": {...}}` becomes a normalised `StatusEvent`:
+    sidecar aliases (`received`, `processing`, `completed`) mean `running`; a route in `data`
+    (`prev`/`next` arrays) without `progress_percent` yields
+    `(len(prev)+1) / (len(prev)+1+len(next)) * 100` (omitted for a one-actor route); and
+    `progress == 1.0` means `progress_percent = 100`. `{"type": "fly", "data": any}` becomes a
+    `FlyEvent`.
+
+    Raises:
+        BadRequest: invalid JSON, not an object, unknown `type` or `status`, status `data`
+            present but not an object.
+        PayloadTooLarge: body over 10 MiB.
+    """
+    fields = _json_object(body, "event")
+    kind = fields.get("type")
+    if kind == "fly":
+        return FlyEvent(data=fields.get("data"))
+    if kind != "status":
+        raise BadRequest("event type must be 'status' or 'fly'")
+    raw_status = fields.get("status")
+    status = _event_status(raw_status)
+    data = fields.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadRequest("status event data must be a JSON object")
+    return StatusEvent(status=status, data=_with_progress(data))
+
+
+def _event_status(raw: Any) -> Status:
+    if isinstance(raw, str):
+        if raw in ALIASES:
+            return ALIASES[raw]
+        try:
+            return Status(raw)
+        except ValueError:
+            pass
+    names = [s.value for s in Status] + list(ALIASES)
+    raise BadRequest("status must be one of " + ", ".join(names))
+
+
+def _with_progress(data: dict[str, Any]) -> dict[str, Any]:
+    if "progress_percent" in data:
+        return data
+    if data.get("progress") == 1.0 and not isinstance(data.get("progress"), bool):
+        return {**data, "progress_percent": 100}
+    prev, nxt = data.get("prev"), data.get("next")
+    if isinstance(prev, list) and isinstance(nxt, list):
+        hops = len(prev) + 1 + len(nxt)
+        if hops > 1:
+            return {**data, "progress_percent": (len(prev) + 1) / hops * 100}
+    return data

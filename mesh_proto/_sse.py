@@ -1,0 +1,157 @@
+"""Server-Sent Events: frame encoding, the per-stream state machine, and a parser.
+
+Frames are bytes built once per event (`status_frame`, `fly_frame`, `catch_up_frame`) and
+shared by every subscriber. `data` is always compact single-line JSON, so nothing a poster sends
+can break the framing.
+
+`SseStream` is the life of one stream, fed by the runtime:
+
+1. the runtime subscribes first, then reads the stored envelope and calls
+   `catch_up(envelope)`: the catch-up frame, and the stream is done if already terminal;
+2. events published since the subscription go through `live(event)`: a status event that the
+   snapshot already holds (its revision is not above the snapshot's) is dropped, a
+   terminal status ends the stream after its frame, FLY frames pass as they are;
+3. `keepalive_in(now)` says how long the stream may stay silent before a `:keepalive` comment
+   is due; `sent(now)` records that bytes went out.
+
+`SseParser` reads a byte stream back into events (for tests and clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+import attrs
+
+from ._envelope import Envelope
+from ._json import dumps
+from ._status import Applied
+
+KEEPALIVE: Final = b":keepalive\n\n"
+
+
+def encode_frame(event: str, data: Any, *, event_id: str | None = None) -> bytes:
+    """One SSE frame: optional `id:`, `event:`, and `data:` as compact one-line JSON."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: ".encode() + dumps(data) + b"\n\n"
+
+
+def catch_up_frame(envelope: Envelope) -> bytes:
+    """The first frame of a stream: the whole stored envelope as GET returns it."""
+    return encode_frame("status", envelope.to_json())
+
+
+@attrs.frozen(kw_only=True)
+class Published:
+    """An event as the hub fans it out: the frame bytes, encoded once for all subscribers.
+
+    `version` is the envelope's revision after a status event (None for FLY), which is how a
+    stream tells whether its snapshot already holds the event.
+    """
+
+    frame: bytes
+    terminal: bool = False
+    version: int | None = None
+
+    @property
+    def is_fly(self) -> bool:
+        return self.version is None
+
+    @classmethod
+    def status(cls, applied: Applied) -> Published:
+        """The live frame of a stored status change: the event data with `status` set."""
+        data = {**applied.event.data, "status": str(applied.event.status)}
+        return cls(
+            frame=encode_frame("status", data),
+            terminal=applied.terminal,
+            version=applied.envelope.revision,
+        )
+
+    @classmethod
+    def fly(cls, data: Any) -> Published:
+        """The frame of a FLY event: the posted data as is."""
+        return cls(frame=encode_frame("fly", data))
+
+
+@attrs.define(eq=False)
+class SseStream:
+    """The state of one SSE stream (see the module comment)."""
+
+    keepalive: float
+    done: bool = False
+    _snapshot_version: int | None = None
+    _last_sent: float = 0.0
+
+    def catch_up(self, envelope: Envelope) -> bytes:
+        """The catch-up frame for the snapshot read after subscribing."""
+        self._snapshot_version = envelope.revision
+        self.done = envelope.terminal
+        return catch_up_frame(envelope)
+
+    def live(self, events: Iterable[Published]) -> bytes:
+        """The bytes to send for events received since the last call (one write)."""
+        out = []
+        for event in events:
+            if self.done:
+                break
+            if event.version is not None:
+                if self._snapshot_version is not None and event.version <= self._snapshot_version:
+                    continue
+                self.done = event.terminal
+            out.append(event.frame)
+        return b"".join(out)
+
+    def sent(self, now: float) -> None:
+        """Record that bytes went out at `now` (seconds on any monotonic clock)."""
+        self._last_sent = now
+
+    def keepalive_in(self, now: float) -> float:
+        """Seconds until a keepalive comment is due (0 when due now)."""
+        return max(0.0, self._last_sent + self.keepalive - now)
+
+
+@attrs.frozen(kw_only=True)
+class SseEvent:
+    """A parsed SSE event; `comments` holds comment lines (such as keepalives) before it."""
+
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+@attrs.define(eq=False)
+class SseParser:
+    """Incremental SSE parser: `feed(bytes)` returns the events completed by those bytes.
+
+    Comment lines are counted in `comments`; an incomplete trailing event stays buffered.
+    """
+
+    comments: list[str] = attrs.field(factory=list)
+    _buffer: bytes = b""
+    _fields: dict[str, list[str]] = attrs.field(factory=dict)
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        self._buffer += chunk
+        events: list[SseEvent] = []
+        while True:
+            cut = self._buffer.find(b"\n")
+            if cut < 0:
+                return events
+            line = self._buffer[:cut].rstrip(b"\r").decode("utf-8")
+            self._buffer = self._buffer[cut + 1 :]
+            if not line:
+                if self._fields:
+                    events.append(
+                        SseEvent(
+                            event=self._fields.get("event", ["message"])[-1],
+                            data="\n".join(self._fields.get("data", [])),
+                            id=self._fields["id"][-1] if "id" in self._fields else None,
+                        )
+                    )
+                    self._fields = {}
+            elif line.startswith(":"):
+                self.comments.append(line[1:].strip())
+            else:
+                name, _, value = line.partition(":")
+                self._fields.setdefault(name, []).append(value.removeprefix(" "))

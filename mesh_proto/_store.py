@@ -1,0 +1,225 @@
+"""The state-proxy protocol (DESIGN §6), client side, as a codec and sans-IO procedures.
+
+Builders return `StoreRequest` values (method, target with the key percent-encoded, headers,
+body); readers turn a `StoreReply` (status, body) into results or raise: `StoreProtocolError`
+(502) for replies the protocol does not allow, `ServiceError` (503) when the proxy reports
+that its backend is unavailable.
+
+The procedures are generators that yield requests and receive replies, so every runtime drives
+the same logic and gets the same guarantees::
+
+    proc = update_status(envelope_id, event, now)
+    request = next(proc)
+    while True:
+        reply = await transport(request)
+        try:
+            request = proc.send(reply)
+        except StopIteration as done:
+            return done.value
+
+`update_status` is the conditional update: read, decide with the status table, write with
+`if_status=<the status read>`, and on 409 (someone else wrote first) read again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+import attrs
+
+from ._envelope import KEY_PREFIX, Envelope, envelope_key
+from ._errors import ServiceError, StoreProtocolError
+from ._json import dumps, loads
+from ._status import TERMINAL, Ignored, Outcome, Status, StatusEvent, apply_event
+from ._time import format_time
+
+# A conditional update loses a race only when another writer changed the envelope in between;
+# every lost race is progress for someone, so a small bound is plenty.
+MAX_ATTEMPTS: Final = 16
+JSON_HEADERS: Final = (("content-type", "application/json"),)
+LIVE_STATUSES: Final = tuple(s.value for s in Status if s not in TERMINAL)
+
+
+@attrs.frozen(kw_only=True)
+class StoreRequest:
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+@attrs.frozen(kw_only=True)
+class StoreReply:
+    status: int
+    body: bytes = b""
+
+
+def key_target(key: str, **params: str) -> str:
+    """`/keys/{key}` with the key percent-encoded as one segment (and optional query)."""
+    target = "/keys/" + quote(key, safe="")
+    return target + ("?" + urlencode(params) if params else "")
+
+
+def health_request() -> StoreRequest:
+    return StoreRequest(method="GET", target="/healthz")
+
+
+def get_request(key: str) -> StoreRequest:
+    return StoreRequest(method="GET", target=key_target(key))
+
+
+def put_request(key: str, value: Any, *, if_status: str | None = None) -> StoreRequest:
+    params = {"if_status": if_status} if if_status is not None else {}
+    return StoreRequest(
+        method="PUT", target=key_target(key, **params), headers=JSON_HEADERS, body=dumps(value)
+    )
+
+
+def delete_request(key: str) -> StoreRequest:
+    return StoreRequest(method="DELETE", target=key_target(key))
+
+
+def query_request(
+    *,
+    prefix: str,
+    filter: Mapping[str, Any] | None = None,
+    sort: Sequence[str] = (),
+    limit: int | None = None,
+    offset: int = 0,
+    count: bool = False,
+) -> StoreRequest:
+    """`POST /query` with the Mango-style filter of DESIGN §6."""
+    query: dict[str, Any] = {"prefix": prefix, "filter": dict(filter or {}), "sort": list(sort)}
+    if limit is not None:
+        query["limit"] = limit
+    if offset:
+        query["offset"] = offset
+    if count:
+        query["count"] = True
+    return StoreRequest(method="POST", target="/query", headers=JSON_HEADERS, body=dumps(query))
+
+
+def _fail(reply: StoreReply, what: str) -> ServiceError:
+    detail = reply.body[:200].decode("utf-8", "replace")
+    if reply.status in (500, 502, 503, 504):
+        return ServiceError(f"state proxy unavailable ({what}: {reply.status} {detail})".strip())
+    return StoreProtocolError(f"unexpected state proxy reply to {what}: {reply.status} {detail}")
+
+
+def check_health(reply: StoreReply) -> None:
+    if reply.status != 200:
+        raise _fail(reply, "health")
+
+
+def read_row(envelope_id: str, row: Any) -> Envelope:
+    """An envelope from a `{"key","value","created_at","updated_at"}` row."""
+    if not isinstance(row, dict):
+        raise StoreProtocolError("state proxy row is not an object")
+    try:
+        return Envelope.from_value(
+            envelope_id, row["value"], created_at=row["created_at"], updated_at=row["updated_at"]
+        )
+    except (KeyError, TypeError):
+        raise StoreProtocolError(f"state proxy row for {envelope_id} is incomplete") from None
+
+
+def read_envelope(envelope_id: str, reply: StoreReply) -> Envelope | None:
+    """The envelope of a GET reply, or None on 404."""
+    if reply.status == 404:
+        return None
+    if reply.status != 200:
+        raise _fail(reply, "get")
+    return read_row(envelope_id, loads(reply.body, error=StoreProtocolError, what="store reply"))
+
+
+def check_write(reply: StoreReply) -> bool:
+    """True when a PUT was applied, False on 409 (condition failed or key missing)."""
+    if reply.status in (200, 201, 204):
+        return True
+    if reply.status == 409:
+        return False
+    raise _fail(reply, "put")
+
+
+def check_delete(reply: StoreReply) -> bool:
+    """True when a key was deleted, False when it did not exist."""
+    if reply.status in (200, 204):
+        return True
+    if reply.status == 404:
+        return False
+    raise _fail(reply, "delete")
+
+
+def read_rows(reply: StoreReply) -> tuple[list[Envelope], int | None]:
+    """Envelopes and `total` from a `/query` reply."""
+    if reply.status != 200:
+        raise _fail(reply, "query")
+    body = loads(reply.body, error=StoreProtocolError, what="store reply")
+    rows = body.get("rows") if isinstance(body, dict) else None
+    if not isinstance(rows, list):
+        raise StoreProtocolError("state proxy query reply has no rows")
+    envelopes = []
+    for row in rows:
+        key = row.get("key") if isinstance(row, dict) else None
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
+            raise StoreProtocolError("state proxy query row has no envelope key")
+        envelopes.append(read_row(key[len(KEY_PREFIX) :], row))
+    total = body.get("total")
+    return envelopes, total if type(total) is int else None
+
+
+Procedure = Generator[StoreRequest, StoreReply, Any]
+
+
+def create_envelope(envelope: Envelope) -> Generator[StoreRequest, StoreReply, None]:
+    """Store a new envelope."""
+    reply = yield put_request(envelope_key(envelope.id), envelope.to_value())
+    if not check_write(reply):
+        raise StoreProtocolError("state proxy refused an unconditional put")
+
+
+def update_status(
+    envelope_id: str, event: StatusEvent, now: datetime
+) -> Generator[StoreRequest, StoreReply, Outcome | None]:
+    """The conditional update. Returns the outcome, or None if the envelope does not exist.
+
+    Raises:
+        ServiceError: MAX_ATTEMPTS writes in a row lost their race (the store is thrashing).
+    """
+    key = envelope_key(envelope_id)
+    for _ in range(MAX_ATTEMPTS):
+        envelope = read_envelope(envelope_id, (yield get_request(key)))
+        if envelope is None:
+            return None
+        outcome = apply_event(envelope, event, now)
+        if isinstance(outcome, Ignored):
+            return outcome
+        reply = yield put_request(key, outcome.envelope.to_value(), if_status=envelope.status)
+        if check_write(reply):
+            return outcome
+    raise ServiceError(f"envelope {envelope_id} is changing too fast: update not applied")
+
+
+def list_request(status: Status | None, limit: int, offset: int) -> StoreRequest:
+    """The query behind `GET /mesh/`: newest first, ties by id, with the full count."""
+    return query_request(
+        prefix=KEY_PREFIX,
+        filter={"status": str(status)} if status is not None else None,
+        sort=("-created_at", "-key"),
+        limit=limit,
+        offset=offset,
+        count=True,
+    )
+
+
+def expired_request(now: datetime, limit: int) -> StoreRequest:
+    """The query of the backstop: live envelopes whose deadline has passed."""
+    return query_request(
+        prefix=KEY_PREFIX,
+        filter={"deadline_at": {"$lt": format_time(now)}, "status": {"$in": list(LIVE_STATUSES)}},
+        sort=("deadline_at",),
+        limit=limit,
+    )
