@@ -1,0 +1,141 @@
+"""The hub: fan-out of published frames to the SSE subscribers of each envelope.
+
+One hub serves both ports; it belongs to the `serve()` nursery. `publish` never blocks and never
+awaits: it appends the frame (encoded once by `mesh_proto.Published`) to each subscriber's
+pending list and wakes it. A woken subscriber takes everything pending at once, so the frames
+that queued up while it was busy go out in one write.
+
+Slow-client policy (each subscriber holds at most `limit` pending frames):
+
+1. when full, a new FLY frame is dropped for that subscriber (counted in `dropped_fly`);
+2. when full and a status frame arrives, pending FLY frames are dropped first to make room;
+3. when full of status frames only, the pending frames are discarded and the subscriber is
+   marked `resync`: its stream re-reads the envelope and sends a fresh catch-up frame, so a
+   status change (the terminal one included) is never lost, only folded into the snapshot.
+
+Publishers are never slowed by a subscriber, and one slow client costs the others nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import trio
+
+from mesh_proto import Published
+
+
+@attrs.define(eq=False)
+class Subscription:
+    key: str
+    limit: int
+    pending: list[Published] = attrs.field(factory=list)
+    resync: bool = False
+    closed: bool = False
+    dropped_fly: int = 0
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+
+    def deliver(self, published: Published) -> None:
+        if len(self.pending) >= self.limit:
+            if published.is_fly:
+                self.dropped_fly += 1
+                return
+            kept = [p for p in self.pending if not p.is_fly]
+            self.dropped_fly += len(self.pending) - len(kept)
+            self.pending = kept
+            if len(kept) >= self.limit:
+                self.pending = []
+                self.resync = True
+                self._wakeup.set()
+                return
+        self.pending.append(published)
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Wait until something is pending, a resync is due, or the hub closed."""
+        await self._wakeup.wait()
+
+    def take(self) -> tuple[list[Published], bool]:
+        """Everything pending and whether a resync is due; resets both."""
+        pending, resync = self.pending, self.resync
+        self.pending, self.resync = [], False
+        if not self.closed:
+            self._wakeup = trio.Event()
+        return pending, resync
+
+    def close(self) -> None:
+        self.closed = True
+        self._wakeup.set()
+
+
+@attrs.frozen
+class HubStatistics:
+    envelopes: int
+    subscribers: int
+    published: int
+    delivered: int
+    dropped_fly: int
+    resyncs: int
+
+
+@attrs.define(eq=False)
+class Hub:
+    limit: int = 1024
+    closed: bool = False
+    _subscribers: dict[str, set[Subscription]] = attrs.field(factory=dict)
+    _published: int = 0
+    _delivered: int = 0
+    _dropped_fly: int = 0
+    _resyncs: int = 0
+
+    @contextmanager
+    def subscribe(self, key: str) -> Iterator[Subscription]:
+        """A subscription to `key` for the duration of the block (closed at once if the hub is)."""
+        sub = Subscription(key, self.limit)
+        if self.closed:
+            sub.close()
+        subs = self._subscribers.setdefault(key, set())
+        subs.add(sub)
+        try:
+            yield sub
+        finally:
+            subs.discard(sub)
+            if not subs and self._subscribers.get(key) is subs:
+                del self._subscribers[key]
+            self._dropped_fly += sub.dropped_fly
+
+    def subscribers(self, key: str) -> int:
+        return len(self._subscribers.get(key, ()))
+
+    def publish(self, key: str, published: Published) -> int:
+        """Hand a frame to every subscriber of `key`; returns how many there were."""
+        self._published += 1
+        subs = self._subscribers.get(key)
+        if not subs:
+            return 0
+        for sub in subs:
+            was_resync = sub.resync
+            sub.deliver(published)
+            self._resyncs += sub.resync and not was_resync
+        self._delivered += len(subs)
+        return len(subs)
+
+    def close(self) -> None:
+        """End every stream (shutdown): subscribers wake, send what is pending, and finish."""
+        self.closed = True
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.close()
+
+    def statistics(self) -> HubStatistics:
+        live_drops = sum(s.dropped_fly for subs in self._subscribers.values() for s in subs)
+        return HubStatistics(
+            envelopes=len(self._subscribers),
+            subscribers=sum(len(s) for s in self._subscribers.values()),
+            published=self._published,
+            delivered=self._delivered,
+            dropped_fly=self._dropped_fly + live_drops,
+            resyncs=self._resyncs,
+        )

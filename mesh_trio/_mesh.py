@@ -1,0 +1,207 @@
+"""The mesh operations: create, get, list, cancel, publish, stream.
+
+Plain async functions over the store, the dispatcher and the hub that know nothing of quart or
+hypercorn, so any listener can drive them (the quart app of the external port, the lean ASGI app
+of the internal port, the legacy routes of `mesh_compat`). Inputs are raw query strings and body
+bytes; `mesh_proto` parses them and raises `ClientError`s; results are `mesh_proto` values.
+
+FLY events cost no store round trip while the envelope is known to be live: `LiveCache`
+remembers ids the store showed live for a few seconds, and forgets an id the moment a
+terminal status passes through this process (so it is re-checked after it ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import trio
+
+from mesh_proto import (
+    CANCEL_EVENT,
+    KEEPALIVE,
+    Applied,
+    CreateRequest,
+    Envelope,
+    FlyEvent,
+    ListQuery,
+    NotFound,
+    Outcome,
+    Published,
+    ServiceError,
+    SseStream,
+    Status,
+    StatusEvent,
+    parse_event,
+    queue_name,
+)
+
+from ._dispatch import ActorNotFound, Dispatcher, DispatchUnavailable
+from ._hub import Hub
+from ._store import Store
+
+log = logging.getLogger("mesh_trio")
+
+# How long a store answer that an envelope is live lets FLY events skip the store.
+LIVE_TTL = 5.0
+LIVE_MAX = 100_000
+# Bounds of the create sequence once the client is gone (it finishes shielded from the
+# client's disconnect, so a create never leaves a silent `pending` orphan).
+CREATE_GRACE = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.define(eq=False)
+class LiveCache:
+    """Ids recently seen live, each valid until a deadline on the trio clock (LRU-bounded)."""
+
+    ttl: float = LIVE_TTL
+    max_size: int = LIVE_MAX
+    _until: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
+
+    def is_live(self, key: str) -> bool:
+        until = self._until.get(key)
+        return until is not None and until > trio.current_time()
+
+    def mark(self, envelope: Envelope) -> None:
+        if envelope.terminal:
+            self._until.pop(envelope.id, None)
+            return
+        self._until[envelope.id] = trio.current_time() + self.ttl
+        self._until.move_to_end(envelope.id)
+        if len(self._until) > self.max_size:
+            self._until.popitem(last=False)
+
+
+@attrs.define(eq=False)
+class Mesh:
+    store: Store
+    dispatcher: Dispatcher
+    hub: Hub
+    namespace: str = "default"
+    gateway_url: str | None = None
+    keepalive: float = 15.0
+    clock: Callable[[], datetime] = utcnow
+    live: LiveCache = attrs.field(factory=LiveCache)
+
+    async def create(self, query: str | bytes, body: bytes) -> str:
+        """Validate, store and dispatch a new envelope; returns its id.
+
+        Raises:
+            ClientError: bad input (nothing stored); `NotFound("actor not found")` when the
+                actor's queue does not exist (the record is removed).
+            ServiceError: store or broker unavailable (a stored record is marked `failed`).
+        """
+        request = CreateRequest.parse(query, body)
+        envelope = Envelope.new(
+            request, envelope_id=str(uuid.uuid4()), now=self.clock(), gateway_url=self.gateway_url
+        )
+        queue = queue_name(request.namespace or self.namespace, request.actor)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CREATE_GRACE
+            await self.store.create(envelope)
+            try:
+                await self.dispatcher.send(queue, envelope.wire_message())
+            except ActorNotFound:
+                await self.store.delete(envelope.id)
+                raise NotFound("actor not found") from None
+            except DispatchUnavailable as exc:
+                reason = f"dispatch to {queue} failed: {exc}"
+                log.warning("envelope %s: %s", envelope.id, reason)
+                await self._apply(
+                    envelope.id, StatusEvent(status=Status.FAILED, data={"error": reason})
+                )
+                raise ServiceError(f"queue unavailable: {exc}") from None
+        if scope.cancelled_caught:
+            raise ServiceError("create did not finish in time")
+        self.live.mark(envelope)
+        return envelope.id
+
+    async def get(self, envelope_id: str) -> Envelope:
+        envelope = await self.store.get(envelope_id)
+        if envelope is None:
+            raise NotFound("envelope not found")
+        return envelope
+
+    async def list(self, query: str | bytes) -> dict[str, Any]:
+        params = ListQuery.parse(query)
+        envelopes, total = await self.store.list(params.status, params.limit, params.offset)
+        return {"messages": [e.to_json() for e in envelopes], "total": total}
+
+    async def cancel(self, envelope_id: str) -> Outcome:
+        """Cancel through the status rules (a terminal envelope is left as it is)."""
+        return await self._apply(envelope_id, CANCEL_EVENT)
+
+    async def publish(self, envelope_id: str, body: bytes) -> None:
+        """A sidecar event: a status change (stored, then published) or a FLY event.
+
+        Raises:
+            ClientError: invalid body; `NotFound` for an unknown id.
+        """
+        event = parse_event(body)
+        if isinstance(event, FlyEvent):
+            await self.publish_fly(envelope_id, event.data)
+        else:
+            await self._apply(envelope_id, event)
+
+    async def publish_fly(self, envelope_id: str, data: Any) -> None:
+        if not self.live.is_live(envelope_id):
+            self.live.mark(await self.get(envelope_id))
+        self.hub.publish(envelope_id, Published.fly(data))
+
+    async def apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
+        """Apply a status event (store, then publish what changed)."""
+        return await self._apply(envelope_id, event)
+
+    async def _apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
+        outcome = await self.store.update(envelope_id, event, self.clock())
+        if outcome is None:
+            raise NotFound("envelope not found")
+        if isinstance(outcome, Applied):
+            self.live.mark(outcome.envelope)
+            self.hub.publish(envelope_id, Published.status(outcome))
+        return outcome
+
+    async def stream(self, envelope_id: str) -> AsyncIterator[bytes]:
+        """The SSE byte stream of one envelope (call `get` first for a 404 before any bytes).
+
+        Subscribes before reading the snapshot, so nothing published in between is lost; ends
+        after a terminal status, when the hub closes (shutdown), or when the caller stops.
+        """
+        state = SseStream(keepalive=self.keepalive)
+        with self.hub.subscribe(envelope_id) as sub:
+            envelope = await self.store.get(envelope_id)
+            if envelope is None:
+                return
+            self.live.mark(envelope)
+            yield state.catch_up(envelope)
+            state.sent(trio.current_time())
+            while not state.done:
+                with trio.move_on_after(state.keepalive_in(trio.current_time())):
+                    await sub.wait()
+                pending, resync = sub.take()
+                chunk = b""
+                if resync:
+                    envelope = await self.store.get(envelope_id)
+                    if envelope is None:
+                        return
+                    chunk = state.catch_up(envelope)
+                chunk += state.live(pending)
+                if not chunk and state.keepalive_in(trio.current_time()) == 0:
+                    chunk = KEEPALIVE
+                if chunk:
+                    yield chunk
+                    state.sent(trio.current_time())
+                if sub.closed:
+                    return
+
+    async def ready(self) -> None:
+        await self.store.ping()

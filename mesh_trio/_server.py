@@ -1,0 +1,183 @@
+"""`serve()`: one trio process, two hypercorn listeners, and what they share.
+
+Ownership (structured concurrency): `serve()` opens the store and the dispatcher, creates the
+one `Hub`, and owns a nursery with both listeners plus the background tasks (deadline backstop,
+demo actors). `task_status.started(Bound)` is called only once both ports listen.
+
+Shutdown is an ordered drain, triggered by `shutdown_trigger` returning:
+
+1. the hub closes: every open SSE stream sends what it has pending and ends cleanly;
+2. the listeners stop accepting; in-flight requests get `graceful_timeout` to finish;
+3. background tasks are cancelled; then the dispatcher and the store close, last.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._backstop import run_backstop
+from ._config import Config, ConfigError
+from ._demo import run_demo_actors
+from ._dispatch import Dispatcher, MemoryQueues, open_memory_dispatcher
+from ._hub import Hub
+from ._mesh import Mesh
+from ._store import Store, open_embedded_store
+from ._web import InternalApp, external_app
+
+log = logging.getLogger("mesh_trio")
+
+
+@attrs.frozen
+class Bound:
+    """Where the listeners ended up (ports resolved when 0 was asked for)."""
+
+    external_port: int
+    internal_port: int
+    mesh: Mesh = attrs.field(eq=False, repr=False)
+
+
+def hypercorn_config(host: str, port: int, *, graceful_timeout: float, access_log: bool) -> Any:
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    # The default (1000) would cut a sidecar's long-lived connection every 1000 events.
+    config.keep_alive_max_requests = 2**62
+    # The default (100) makes a burst of thousands of SSE connects take far longer.
+    config.backlog = 4096
+    # The access log costs 10-20 % of throughput: off unless asked for.
+    config.accesslog = logging.getLogger("hypercorn.access") if access_log else None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = graceful_timeout
+    return config
+
+
+@asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[Store]:
+    if config.state_proxy_socket is not None:
+        from ._proxy_store import open_proxy_store
+
+        async with open_proxy_store(config.state_proxy_socket) as store:
+            yield store
+    else:
+        async with open_embedded_store(config.store) as embedded:
+            yield embedded
+
+
+@asynccontextmanager
+async def open_dispatcher(config: Config) -> AsyncIterator[Dispatcher]:
+    if config.transport == "rabbitmq":
+        from ._amqp import open_rabbitmq_dispatcher
+
+        async with open_rabbitmq_dispatcher(config.rabbitmq_url, config.rabbitmq_exchange) as rmq:
+            yield rmq
+    elif config.transport == "sqs":
+        from ._sqs import open_sqs_dispatcher
+
+        assert config.sqs_region is not None
+        async with open_sqs_dispatcher(config.sqs_region, endpoint=config.sqs_endpoint) as sqs:
+            yield sqs
+    else:
+        async with open_memory_dispatcher() as memory:
+            yield memory
+
+
+def _port(binds: list[str]) -> int:
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the mesh API until `shutdown_trigger` returns (forever if None), then drain."""
+    if config.transport != "memory" and config.internal_url is None:
+        raise ConfigError(
+            "ASYA_INTERNAL_URL: required with a real queue transport (sidecars post events there)"
+        )
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(config))
+        dispatcher = await stack.enter_async_context(open_dispatcher(config))
+        hub = Hub()
+        mesh = Mesh(
+            store=store,
+            dispatcher=dispatcher,
+            hub=hub,
+            namespace=config.namespace,
+            gateway_url=config.internal_url,
+            keepalive=config.sse_keepalive,
+        )
+        router = config.router
+        external: Any = external_app(mesh, router, cors_origins=config.cors_origins)
+        internal: Any = InternalApp(mesh, router)
+        if config.compat:
+            # Loaded by name: mesh_trio never imports mesh_compat.
+            compat = importlib.import_module("mesh_compat")
+            internal.fallback = compat.install(external, mesh, router)
+        stop_listeners = trio.Event()
+        settings = partial(
+            hypercorn_config,
+            graceful_timeout=config.graceful_timeout,
+            access_log=config.access_log,
+        )
+        async with trio.open_nursery() as nursery:
+            ext_binds = await nursery.start(
+                partial(
+                    hypercorn_serve,
+                    external,
+                    settings(config.host, config.external_port),
+                    shutdown_trigger=stop_listeners.wait,
+                )
+            )
+            int_binds = await nursery.start(
+                partial(
+                    hypercorn_serve,
+                    internal,
+                    settings(config.host, config.internal_port),
+                    shutdown_trigger=stop_listeners.wait,
+                )
+            )
+            bound = Bound(_port(ext_binds), _port(int_binds), mesh)
+            if mesh.gateway_url is None:
+                mesh.gateway_url = f"http://127.0.0.1:{bound.internal_port}"
+            async with trio.open_nursery() as workers:
+                workers.start_soon(run_backstop, mesh, config.backstop_interval)
+                if config.demo_actors and isinstance(dispatcher, MemoryQueues):
+                    workers.start_soon(
+                        partial(
+                            run_demo_actors,
+                            dispatcher,
+                            namespace=config.namespace,
+                            internal_port=bound.internal_port,
+                            prefix=router.prefix,
+                        )
+                    )
+                log.info(
+                    "mesh API listening: external %s, internal %s (store: %s, transport: %s)",
+                    ext_binds[0],
+                    int_binds[0],
+                    "state proxy " + config.state_proxy_socket
+                    if config.state_proxy_socket
+                    else config.store,
+                    config.transport,
+                )
+                task_status.started(bound)
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                log.info("shutting down: closing streams, draining requests")
+                hub.close()
+                stop_listeners.set()
+                workers.cancel_scope.cancel()
+    log.info("mesh API stopped")

@@ -1,0 +1,234 @@
+"""The store seam, and the embedded stores (memory, SQLite file).
+
+`Store` is what the mesh operations use. Every implementation applies status events through
+`mesh_proto.apply_event`, never deciding on its own. The embedded stores run inside the trio
+thread with no await between reading and writing an envelope, so each update is atomic without
+locks; the state-proxy store (`_proxy_store.py`) gets the same guarantee from the proxy's
+conditional PUT. `tests/test_store.py` runs one suite against every implementation.
+
+Store failures raise `mesh_proto.ServiceError` (503 to the client), never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Protocol
+
+import attrs
+
+from mesh_proto import (
+    TERMINAL,
+    Applied,
+    Envelope,
+    Outcome,
+    ServiceError,
+    Status,
+    StatusEvent,
+    apply_event,
+    dumps,
+    format_time,
+    is_expired,
+)
+
+
+class Store(Protocol):
+    async def ping(self) -> None:
+        """Return when the store answers; raise `ServiceError` when it does not."""
+
+    async def create(self, envelope: Envelope) -> None:
+        """Store a new envelope."""
+
+    async def get(self, envelope_id: str) -> Envelope | None:
+        """The stored envelope, or None."""
+
+    async def update(self, envelope_id: str, event: StatusEvent, now: datetime) -> Outcome | None:
+        """Apply a status event atomically under the status rules; None if there is no such id."""
+
+    async def delete(self, envelope_id: str) -> bool:
+        """Remove an envelope; False if there was none."""
+
+    async def list(
+        self, status: Status | None, limit: int, offset: int
+    ) -> tuple[list[Envelope], int]:
+        """A page of envelopes, newest first (ties by id, descending), and the full match count."""
+
+    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+        """Up to `limit` live envelopes whose deadline is at or before `now`."""
+
+
+def _newest_first(envelope: Envelope) -> tuple[datetime, str]:
+    return (envelope.created_at, envelope.id)
+
+
+@attrs.define(eq=False)
+class MemoryStore:
+    """Envelopes in a dict. Live envelopes with a deadline are also indexed for the backstop."""
+
+    _envelopes: dict[str, Envelope] = attrs.field(factory=dict)
+    _deadlines: dict[str, Envelope] = attrs.field(factory=dict)
+
+    async def ping(self) -> None:
+        return None
+
+    def _put(self, envelope: Envelope) -> None:
+        self._envelopes[envelope.id] = envelope
+        if envelope.deadline_at is not None and not envelope.terminal:
+            self._deadlines[envelope.id] = envelope
+        else:
+            self._deadlines.pop(envelope.id, None)
+
+    async def create(self, envelope: Envelope) -> None:
+        self._put(envelope)
+
+    async def get(self, envelope_id: str) -> Envelope | None:
+        return self._envelopes.get(envelope_id)
+
+    async def update(self, envelope_id: str, event: StatusEvent, now: datetime) -> Outcome | None:
+        envelope = self._envelopes.get(envelope_id)
+        if envelope is None:
+            return None
+        outcome = apply_event(envelope, event, now)
+        if isinstance(outcome, Applied):
+            self._put(outcome.envelope)
+        return outcome
+
+    async def delete(self, envelope_id: str) -> bool:
+        self._deadlines.pop(envelope_id, None)
+        return self._envelopes.pop(envelope_id, None) is not None
+
+    async def list(
+        self, status: Status | None, limit: int, offset: int
+    ) -> tuple[list[Envelope], int]:
+        matches = [e for e in self._envelopes.values() if status is None or e.status is status]
+        matches.sort(key=_newest_first, reverse=True)
+        return matches[offset : offset + limit], len(matches)
+
+    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+        return [e for e in self._deadlines.values() if is_expired(e, now)][:limit]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envelopes (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    deadline_at TEXT
+);
+CREATE INDEX IF NOT EXISTS envelopes_created ON envelopes (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS envelopes_status ON envelopes (status, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS envelopes_live_deadline ON envelopes (deadline_at)
+    WHERE deadline_at IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'canceled');
+"""
+
+
+@attrs.define(eq=False)
+class SqliteStore:
+    """Envelopes in a SQLite file, so an embedded run survives a restart.
+
+    Calls run inline in the trio thread: a local WAL-mode SQLite statement takes microseconds,
+    and not awaiting between the read and the write of an update keeps it atomic.
+    """
+
+    _db: sqlite3.Connection
+
+    @classmethod
+    def open(cls, path: str) -> SqliteStore:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ServiceError(f"cannot open SQLite store {path!r}: {exc}") from None
+        return cls(db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _row(self, row: tuple[str, str, str, str]) -> Envelope:
+        envelope_id, value, created_at, updated_at = row
+        return Envelope.from_value(
+            envelope_id, json.loads(value), created_at=created_at, updated_at=updated_at
+        )
+
+    def _write(self, envelope: Envelope, *, replace: bool) -> None:
+        deadline = envelope.deadline_at
+        self._db.execute(
+            ("INSERT OR REPLACE" if replace else "INSERT")
+            + " INTO envelopes VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                envelope.id,
+                str(envelope.status),
+                dumps(envelope.to_value()).decode(),
+                format_time(envelope.created_at),
+                format_time(envelope.updated_at),
+                format_time(deadline) if deadline is not None else None,
+            ),
+        )
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise ServiceError(f"SQLite store unavailable: {exc}") from None
+
+    async def create(self, envelope: Envelope) -> None:
+        self._write(envelope, replace=False)
+
+    async def get(self, envelope_id: str) -> Envelope | None:
+        row = self._db.execute(
+            "SELECT id, value, created_at, updated_at FROM envelopes WHERE id = ?", (envelope_id,)
+        ).fetchone()
+        return None if row is None else self._row(row)
+
+    async def update(self, envelope_id: str, event: StatusEvent, now: datetime) -> Outcome | None:
+        envelope = await self.get(envelope_id)
+        if envelope is None:
+            return None
+        outcome = apply_event(envelope, event, now)
+        if isinstance(outcome, Applied):
+            self._write(outcome.envelope, replace=True)
+        return outcome
+
+    async def delete(self, envelope_id: str) -> bool:
+        cursor = self._db.execute("DELETE FROM envelopes WHERE id = ?", (envelope_id,))
+        return cursor.rowcount > 0
+
+    async def list(
+        self, status: Status | None, limit: int, offset: int
+    ) -> tuple[list[Envelope], int]:
+        where, args = ("WHERE status = ?", (str(status),)) if status is not None else ("", ())
+        rows = self._db.execute(
+            f"SELECT id, value, created_at, updated_at FROM envelopes {where} "
+            "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        ).fetchall()
+        (total,) = self._db.execute(f"SELECT count(*) FROM envelopes {where}", args).fetchone()
+        return [self._row(r) for r in rows], total
+
+    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+        rows = self._db.execute(
+            "SELECT id, value, created_at, updated_at FROM envelopes WHERE deadline_at IS NOT NULL"
+            " AND status NOT IN (?, ?, ?) AND deadline_at <= ? ORDER BY deadline_at LIMIT ?",
+            (*sorted(str(s) for s in TERMINAL), format_time(now), limit),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+
+@asynccontextmanager
+async def open_embedded_store(spec: str) -> AsyncIterator[Store]:
+    """`memory` or `sqlite:PATH` (the `ASYA_MESH_STORE` setting)."""
+    if spec == "memory":
+        yield MemoryStore()
+        return
+    store = SqliteStore.open(spec.removeprefix("sqlite:"))
+    try:
+        yield store
+    finally:
+        store.close()
