@@ -697,8 +697,7 @@ async def open_sqs_dispatcher(
     access_key: str | None = None,
     secret_key: str | None = None,
     session_token: str | None = None,
-    # Not a deadline for this call (ASYNC109): it bounds each request the dispatcher makes.
-    timeout: float = 5.0,  # noqa: ASYNC109
+    timeout: float = 5.0,
     max_connections: int = 10,
 ) -> AsyncIterator[SqsDispatcher]:
     """Open an SQS dispatcher; its pooled connections close when the block ends.
