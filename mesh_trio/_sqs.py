@@ -295,6 +295,23 @@ class _ExchangeFailed(Exception):
         self.written = written
 
 
+def _describe(exc: BaseException) -> str:
+    """Name the root of an I/O error.
+
+    trio wraps TLS and socket errors in `BrokenResourceError`, and a failed connect carries the
+    error of each address tried in an exception group; the first root says what went wrong.
+    """
+    while True:
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+        elif isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        else:
+            break
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @attrs.frozen(kw_only=True)
 class _Reply:
     status: int
@@ -373,17 +390,19 @@ class _Pool:
                     return await self._exchange(conn, target, headers, body)
                 except _ExchangeFailed as exc:
                     if exc.written and not idempotent:
-                        raise DispatchUnavailable(
-                            f"connection to SQS lost after the request was sent: {exc.reason}"
-                        ) from exc
+                        raise self._lost(exc) from exc
             conn = await self._connect()
             try:
                 return await self._exchange(conn, target, headers, body)
             except _ExchangeFailed as exc:
-                when = "after" if exc.written else "while"
-                raise DispatchUnavailable(
-                    f"connection to SQS lost {when} sending the request: {exc.reason}"
-                ) from exc
+                raise self._lost(exc) from exc
+
+    def _lost(self, exc: _ExchangeFailed) -> DispatchUnavailable:
+        if exc.written:
+            return DispatchUnavailable(
+                f"connection to SQS lost after the request was sent: {exc.reason}"
+            )
+        return DispatchUnavailable(f"cannot send to SQS at {self.host}:{self.port}: {exc.reason}")
 
     def _take_idle(self) -> _Connection | None:
         now = trio.current_time()
@@ -405,7 +424,9 @@ class _Pool:
                     self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
                 )
         except OSError as exc:
-            raise DispatchUnavailable(f"cannot connect to SQS at {where}: {exc}") from exc
+            raise DispatchUnavailable(
+                f"cannot connect to SQS at {where}: {_describe(exc)}"
+            ) from exc
         self.opened += 1
         return _Connection(stream=stream, socket=_socket_of(stream))
 
@@ -439,7 +460,7 @@ class _Pool:
         try:
             await conn.stream.send_all(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _ExchangeFailed(f"write failed: {exc!r}", written=False) from exc
+            raise _ExchangeFailed(_describe(exc), written=False) from exc
 
         response: h11.Response | None = None
         chunks: list[bytes] = []
@@ -453,7 +474,7 @@ class _Pool:
                 try:
                     chunk = await conn.stream.receive_some(_READ_SIZE)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _ExchangeFailed(f"read failed: {exc!r}", written=True) from exc
+                    raise _ExchangeFailed(_describe(exc), written=True) from exc
                 http.receive_data(bytes(chunk))
             elif isinstance(event, h11.Response):
                 response = event
@@ -699,6 +720,7 @@ async def open_sqs_dispatcher(
     session_token: str | None = None,
     timeout: float = 5.0,
     max_connections: int = 10,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[SqsDispatcher]:
     """Open an SQS dispatcher; its pooled connections close when the block ends.
 
@@ -715,6 +737,8 @@ async def open_sqs_dispatcher(
         session_token: The session token of temporary credentials (explicit keys only).
         timeout: Seconds each HTTP request may take, waiting for a connection included.
         max_connections: Connections open to SQS at most; further requests wait for one.
+        ssl_context: TLS settings for an `https` endpoint (e.g. a private CA); default the
+            system's trust store with hostname checks.
 
     Raises:
         ValueError: A setting is missing or malformed (the message names it).
@@ -751,7 +775,7 @@ async def open_sqs_dispatcher(
     pool = _Pool(
         host=host,
         port=port,
-        ssl_context=ssl.create_default_context() if tls else None,
+        ssl_context=(ssl_context or ssl.create_default_context()) if tls else None,
         max_connections=max_connections,
     )
     dispatcher = SqsDispatcher(

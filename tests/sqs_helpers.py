@@ -20,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import ssl
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -97,6 +100,21 @@ async def queue_depth(sqs: SqsDispatcher, url: str) -> int:
     return int(reply["Attributes"]["ApproximateNumberOfMessages"])
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """Make a certificate for `localhost` with the openssl tool; return (cert, key) paths."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 # -- a scriptable fake -------------------------------------------------------------------------
 
 HANG = "hang"  # never answer
@@ -138,7 +156,7 @@ class FakeSqs:
     def actions(self) -> list[str]:
         return [action for action, _ in self.log]
 
-    async def serve(self, stream: trio.SocketStream) -> None:
+    async def serve(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         conn = h11.Connection(h11.SERVER)
         try:
@@ -170,7 +188,7 @@ class FakeSqs:
             self.closed.set()
 
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.SocketStream
+        self, conn: h11.Connection, stream: trio.abc.Stream
     ) -> tuple[str, dict[str, Any]] | None:
         target = ""
         body = b""
@@ -202,7 +220,7 @@ class FakeSqs:
         return 400, {"__type": "com.amazonaws.sqs#InvalidAction", "message": action}
 
     async def _write_reply(
-        self, conn: h11.Connection, stream: trio.SocketStream, status: int, doc: dict[str, Any]
+        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, doc: dict[str, Any]
     ) -> None:
         body = json.dumps(doc).encode()
         headers = [
@@ -215,11 +233,16 @@ class FakeSqs:
 
 
 @asynccontextmanager
-async def fake_sqs() -> AsyncIterator[FakeSqs]:
-    """Serve a `FakeSqs` on a free 127.0.0.1 port for the duration of the block."""
+async def fake_sqs(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[FakeSqs]:
+    """Serve a `FakeSqs` on a free 127.0.0.1 port (TLS with `ssl_context`) during the block."""
     fake = FakeSqs()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, fake.serve, 0, host="127.0.0.1"))
-        fake.port = listeners[0].socket.getsockname()[1]
+        if ssl_context is None:
+            serve = partial(trio.serve_tcp, fake.serve, 0, host="127.0.0.1")
+        else:
+            serve = partial(trio.serve_ssl_over_tcp, fake.serve, 0, ssl_context, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        tcp = listeners[0] if ssl_context is None else listeners[0].transport_listener
+        fake.port = tcp.socket.getsockname()[1]
         yield fake
         nursery.cancel_scope.cancel()

@@ -16,14 +16,26 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import shutil
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import pytest
 import trio
 
-# tests/ has no __init__.py: pytest puts tests/ itself on sys.path.
-from sqs_helpers import (
+from mesh_trio._dispatch import ActorNotFound, DispatchUnavailable
+from mesh_trio._sqs import (
+    Credentials,
+    SqsDispatcher,
+    SqsServiceError,
+    canonical_request,
+    open_sqs_dispatcher,
+    sign_v4,
+    signing_key,
+)
+from tests.sqs_helpers import (
     CLOSE_AFTER,
     DROP,
     HANG,
@@ -35,17 +47,7 @@ from sqs_helpers import (
     queue_depth,
     queue_name,
     receive_bodies,
-)
-
-from mesh_trio._dispatch import ActorNotFound, DispatchUnavailable
-from mesh_trio._sqs import (
-    Credentials,
-    SqsDispatcher,
-    SqsServiceError,
-    canonical_request,
-    open_sqs_dispatcher,
-    sign_v4,
-    signing_key,
+    self_signed_cert,
 )
 
 # The example credentials and time AWS uses throughout its SigV4 documentation.
@@ -495,6 +497,32 @@ async def test_stale_cached_url_is_looked_up_again_once() -> None:
         with pytest.raises(ActorNotFound):
             await sqs.send("asya-ns-echo", b"3")
         assert fake.actions() == ["SendMessage", "GetQueueUrl"]
+
+
+async def test_https_endpoint_with_keep_alive(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl tool to make a certificate")
+    cert, key = self_signed_cert(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+
+    async with fake_sqs(server_context) as fake:
+        url = fake.create("asya-ns-echo")
+        endpoint = f"https://localhost:{fake.port}"
+        async with open_sqs_dispatcher(
+            "us-east-1", endpoint=endpoint, ssl_context=trusting, **KEYS
+        ) as sqs:
+            for n in range(3):
+                await sqs.send("asya-ns-echo", str(n).encode())
+            assert fake.messages[url] == ["0", "1", "2"]
+            assert sqs.statistics().connections_opened == 1
+
+        # The system trust store does not know this certificate: refused before any request.
+        async with open_sqs_dispatcher("us-east-1", endpoint=endpoint, **KEYS) as sqs:
+            with pytest.raises(DispatchUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await sqs.send("asya-ns-echo", b"3")
+        assert fake.messages[url] == ["0", "1", "2"]
 
 
 async def test_a_closed_dispatcher_refuses_to_send() -> None:
