@@ -1,0 +1,268 @@
+# The state proxy: routes of the protocol (DESIGN §6) on the HTTP server, over the kv store.
+#
+# `serve_state_proxy` owns everything and in this order: the PostgreSQL pool, the schema (made
+# before anything listens), the Unix socket (a stale socket file is removed, a live one is left
+# alone), then the HTTP server. It reports `started` once requests can be served and runs until
+# cancelled; with a `shutdown_trigger` it drains instead (stop accepting, finish requests in
+# flight for up to `grace_period`, close idle connections), then closes the socket and the pool.
+#
+# `Router.handle` maps a request to a store operation. The key is the rest of the path after
+# ``/keys/``, percent-decoded exactly once, so ``/keys/msg%2Fabc`` is the key ``msg/abc`` and a
+# key holding ``?``, ``#``, ``%`` or ``..`` round-trips. Errors come back as
+# ``{"error": "..."}``; a `StateProxyError` carries its own status.
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+import attrs
+import trio
+
+from ._errors import BadRequest, Conflict, StartupError, StateProxyError, StoreUnavailable
+from ._http import HttpServer, Request, Response, error_body
+from ._pg import PgPool
+from ._query import compile_query
+from ._settings import check_indexes, check_pg_url
+from ._store import Database, KvStore
+
+logger = logging.getLogger("mesh_trio.stateproxy")
+
+#: Largest request body accepted; larger ones are answered 413.
+MAX_BODY = 10 * 1024 * 1024
+#: Connections to PostgreSQL kept by default.
+DEFAULT_POOL_SIZE = 10
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_KEYS = b"/keys/"
+_NO_CONTENT = Response(status=204)
+_OK_HEAD = Response(status=200)
+
+
+@attrs.define(eq=False)
+class Router:
+    """Answers the state-proxy protocol over a `KvStore`."""
+
+    store: KvStore
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request; never raises for anything the client or PostgreSQL did."""
+        path, _, query = request.target.partition(b"?")
+        method = request.method
+        try:
+            if path.startswith(_KEYS) and len(path) > len(_KEYS):
+                allowed = (b"GET", b"HEAD", b"PUT", b"DELETE")
+                if method not in allowed:
+                    return _not_allowed(allowed)
+                return await self._key(method, _key(path[len(_KEYS) :]), query, request.body)
+            if path == _KEYS:
+                if method != b"GET":
+                    return _not_allowed((b"GET",))
+                prefix = _query_params(query).get("prefix", "")
+                keys = await self.store.list_keys(prefix)
+                return Response(status=200, body=b'{"keys":' + keys + b"}")
+            if path == b"/query":
+                if method != b"POST":
+                    return _not_allowed((b"POST",))
+                rows, total = await self.store.query(compile_query(request.body))
+                tail = b"null" if total is None else str(total).encode()
+                body = b'{"rows":[' + b",".join(rows) + b'],"total":' + tail + b"}"
+                return Response(status=200, body=body)
+            if path == b"/healthz":
+                if method not in (b"GET", b"HEAD"):
+                    return _not_allowed((b"GET", b"HEAD"))
+                return Response(status=200, body=b"ok", content_type=b"text/plain; charset=utf-8")
+            return Response(status=404, body=error_body("not found"))
+        except StoreUnavailable as exc:
+            return Response(
+                status=503, body=error_body(exc.message), headers=((b"retry-after", b"1"),)
+            )
+        except StateProxyError as exc:
+            return Response(status=exc.status_hint, body=error_body(exc.message))
+
+    async def _key(self, method: bytes, key: str, query: bytes, body: bytes) -> Response:
+        store = self.store
+        if method == b"GET":
+            record = await store.get(key)
+            if record is None:
+                return Response(status=404, body=error_body("not found"))
+            return Response(status=200, body=record)
+        if method == b"HEAD":
+            return _OK_HEAD if await store.exists(key) else Response(status=404)
+        if method == b"DELETE":
+            if await store.delete(key):
+                return _NO_CONTENT
+            return Response(status=404, body=error_body("not found"))
+        if_status = _query_params(query).get("if_status", "")
+        if not if_status:  # absent or empty: an unconditional write, as in the Go proxy
+            await store.put(key, body)
+            return _NO_CONTENT
+        if not await store.put_if_status(key, body, if_status):
+            raise Conflict(f"condition failed: no record with status {if_status!r}")
+        return _NO_CONTENT
+
+
+def _not_allowed(allowed: Sequence[bytes]) -> Response:
+    return Response(
+        status=405,
+        body=error_body("method not allowed"),
+        headers=((b"allow", b", ".join(allowed)),),
+    )
+
+
+def _key(raw: bytes) -> str:
+    """Percent-decode a key from the path, exactly once."""
+    if _BAD_ESCAPE.search(raw):
+        raise BadRequest("invalid key: malformed percent-escape")
+    try:
+        key = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("invalid key: not UTF-8 once percent-decoded") from None
+    if "\x00" in key:
+        raise BadRequest("invalid key: contains NUL")
+    return key
+
+
+def _query_params(query: bytes) -> dict[str, str]:
+    """Decode a query string (last value wins)."""
+    try:
+        return dict(parse_qsl(query.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("invalid query string") from None
+
+
+async def serve_state_proxy(
+    socket_path: str,
+    pg_url: str,
+    *,
+    indexes: Sequence[str] = (),
+    pool_size: int = DEFAULT_POOL_SIZE,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    grace_period: float = 10.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the state-proxy protocol on `socket_path`, backed by PostgreSQL at `pg_url`.
+
+    Creates the kv table and its indexes if missing, listens on the Unix socket (mode 0666),
+    calls ``task_status.started()`` and serves until cancelled, or until `shutdown_trigger`
+    returns, after which it drains for at most `grace_period` seconds and returns. The socket
+    file is removed on the way out.
+
+    Args:
+        socket_path: where to listen; a stale socket file there is replaced.
+        pg_url: libpq URL or connection string. Tests isolate themselves with a search path:
+            ``...?options=-csearch_path%3Dmy_schema``.
+        indexes: fields of the stored value to give an expression index (see docs/stateproxy.md).
+        pool_size: most PostgreSQL connections (and statements in flight) at once.
+        shutdown_trigger: awaited after start; when it returns the proxy drains and stops.
+        grace_period: longest drain, in seconds.
+        task_status: for ``nursery.start``.
+
+    Raises:
+        ValueError: an index field name is invalid, or `pg_url` cannot be parsed.
+        StartupError: PostgreSQL cannot be used (``setting == "pg_url"``) or the socket cannot
+            be served (``setting == "socket"``).
+    """
+    fields = check_indexes(indexes)
+    check_pg_url(pg_url)
+    pool = PgPool(pg_url, max_size=pool_size)
+    await _serve(socket_path, pool, fields, shutdown_trigger, grace_period, task_status)
+
+
+async def _serve(
+    socket_path: str,
+    db: Database,
+    indexes: Sequence[str],
+    shutdown_trigger: Callable[[], Awaitable[object]] | None,
+    grace_period: float,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """`serve_state_proxy` over any `Database` (the benchmark plugs in other drivers)."""
+    where = db.describe() if isinstance(db, PgPool) else type(db).__name__
+    try:
+        store = KvStore(db)
+        try:
+            await store.ensure_schema(indexes)
+        except StoreUnavailable as exc:
+            raise StartupError("pg_url", f"cannot use PostgreSQL at {where}: {exc}") from None
+        listener, inode = await _listen(socket_path)
+        server = HttpServer(Router(store).handle, MAX_BODY)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listener)
+                logger.info(
+                    "asya-state-proxy listening on %s (PostgreSQL %s, indexes: %s)",
+                    socket_path,
+                    where,
+                    ", ".join(indexes) or "none",
+                )
+                task_status.started()
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                await shutdown_trigger()
+                connections = server.statistics()["connections"]
+                logger.info("asya-state-proxy draining (%d connections open)", connections)
+                server.begin_drain()
+                with trio.move_on_after(grace_period):
+                    await server.finished.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            _unlink_if_ours(socket_path, inode)
+    finally:
+        close = getattr(db, "close", None)
+        if close is not None:
+            close()
+        logger.info("asya-state-proxy stopped")
+
+
+async def _listen(path: str) -> tuple[trio.SocketListener, int]:
+    """Bind and listen on a Unix socket at `path`; returns the listener and the file's inode."""
+    _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, 0o666)  # every container of the pod may connect; the volume is private
+        sock.listen(socket.SOMAXCONN)
+        inode = os.stat(path).st_ino
+    except OSError as exc:
+        sock.close()
+        raise StartupError("socket", f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return trio.SocketListener(sock), inode
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError("socket", f"cannot inspect {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise StartupError("socket", f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: a leftover of a previous run
+        return
+    except BlockingIOError:
+        pass  # accepted into a full backlog: someone listens
+    except OSError as exc:
+        raise StartupError("socket", f"cannot probe {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise StartupError("socket", f"another process is serving {path}")
+
+
+def _unlink_if_ours(path: str, inode: int) -> None:
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

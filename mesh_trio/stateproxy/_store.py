@@ -1,0 +1,177 @@
+# The key-value operations of the state proxy, as SQL over a `Database` (normally `PgPool`).
+#
+# Every operation is one statement, so each is atomic on its own; in particular the conditional
+# write is a single `UPDATE ... WHERE key = $1 AND value->>'status' = $3` whose row lock makes
+# concurrent writers with the same expected status serialise, and all but the first find the
+# status changed. PostgreSQL builds the JSON replies (`ROW_JSON`), so a stored value goes to the
+# client as PostgreSQL printed it, without a decode/encode round in Python.
+#
+# Schema: `kv(key, value jsonb, created_at, updated_at)`, a GIN index on `value` (containment
+# filters), and one expression index per configured field on exactly the expression that
+# string filters compare (`_query.field_text`). `ensure_schema` creates what is missing under
+# an advisory lock, so replicas starting together do not race on the catalog, and skips index
+# statements entirely when the indexes exist, so a restart takes no table lock.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+from ._errors import BadRequest, PgError
+from ._pg import Rows
+from ._query import ROW_JSON, CompiledQuery, escape_like, field_text
+
+_GET = f"SELECT {ROW_JSON} FROM kv WHERE key = $1".encode()
+_EXISTS = b"SELECT 1 FROM kv WHERE key = $1"
+_PUT = (
+    b"INSERT INTO kv (key, value) VALUES ($1, $2::jsonb) "
+    b"ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
+)
+_PUT_IF_STATUS = (
+    b"UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1 AND value->>'status' = $3"
+)
+_DELETE = b"DELETE FROM kv WHERE key = $1"
+_LIST = b"SELECT coalesce(json_agg(key ORDER BY key), '[]')::text FROM kv WHERE key LIKE $1"
+
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asya-state-proxy kv schema'))"
+_TABLE = """
+CREATE TABLE IF NOT EXISTS kv (
+    key        text PRIMARY KEY,
+    value      jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+)"""
+_INDEX_NAMES = (
+    b"SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+    b"WHERE i.indrelid = 'kv'::regclass"
+)
+GIN_INDEX = "kv_value_gin"
+
+# Client data that PostgreSQL refuses is the client's mistake: data exceptions (bad JSON, bad
+# Unicode) and program limits (a value too large for an index row).
+_CLIENT_CLASSES = ("22", "54")
+
+
+class Database(Protocol):
+    """What the store needs from a driver (`PgPool`; the benchmark plugs in another)."""
+
+    async def execute(
+        self,
+        sql: bytes,
+        params: Sequence[bytes] = (),
+        *,
+        name: bytes | None = None,
+        retry: bool = False,
+    ) -> Rows: ...
+
+    async def execute_script(self, sql: bytes) -> None: ...
+
+
+def index_name(field: str) -> str:
+    """The name of the expression index on `field` (a checked field name)."""
+    return f"kv_value_{field}"
+
+
+@attrs.define(eq=False)
+class KvStore:
+    """The state-proxy operations over the kv table.
+
+    Every method raises `StoreUnavailable` when PostgreSQL cannot answer now, and `BadRequest`
+    when PostgreSQL refuses the client's data; any other `PgError` is a bug of ours.
+    """
+
+    db: Database
+
+    async def ensure_schema(self, indexes: Sequence[str] = ()) -> None:
+        """Create the table, the GIN index and the expression indexes on `indexes` if missing."""
+        await self.db.execute_script(f"BEGIN; {_SCHEMA_LOCK}; {_TABLE}; COMMIT".encode())
+        rows = await self.db.execute(_INDEX_NAMES, retry=True)
+        existing = {v.decode() for v in rows.values if v is not None}
+        wanted = {GIN_INDEX: "USING gin (value)"}
+        wanted.update({index_name(f): f"({field_text(f)})" for f in indexes})
+        missing = [
+            f"CREATE INDEX IF NOT EXISTS {name} ON kv {how}"
+            for name, how in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            await self.db.execute_script(
+                f"BEGIN; {_SCHEMA_LOCK}; {'; '.join(missing)}; COMMIT".encode()
+            )
+
+    async def get(self, key: str) -> bytes | None:
+        """The record at `key` as JSON (``{"key","value","created_at","updated_at"}``), or None."""
+        rows = await self._run(_GET, key, name=b"sp_get", retry=True)
+        return rows.values[0] if rows.values else None
+
+    async def exists(self, key: str) -> bool:
+        """Whether a record is stored at `key`."""
+        rows = await self._run(_EXISTS, key, name=b"sp_exists", retry=True)
+        return bool(rows.values)
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store the JSON text `value` at `key`, keeping `created_at` if the key existed.
+
+        Raises:
+            BadRequest: `value` is not valid JSON (PostgreSQL parses it).
+        """
+        await self._run(_PUT, key, value, name=b"sp_put", what="invalid JSON body")
+
+    async def put_if_status(self, key: str, value: bytes, status: str) -> bool:
+        """Replace the record at `key` only if its ``value->>'status'`` equals `status`.
+
+        Returns:
+            True if written; False if the key is missing or holds another status.
+        """
+        rows = await self._run(
+            _PUT_IF_STATUS, key, value, status.encode(), name=b"sp_put_if", what="invalid JSON body"
+        )
+        return rows.affected == 1
+
+    async def delete(self, key: str) -> bool:
+        """Delete the record at `key`; False if there was none."""
+        rows = await self._run(_DELETE, key, name=b"sp_delete")
+        return rows.affected > 0
+
+    async def list_keys(self, prefix: str) -> bytes:
+        """The keys starting with `prefix`, sorted, as a JSON array."""
+        rows = await self._run(_LIST, escape_like(prefix), name=b"sp_list", retry=True)
+        return rows.values[0] or b"[]"
+
+    async def query(self, query: CompiledQuery) -> tuple[list[bytes], int | None]:
+        """Run a compiled `/query`: the matching records as JSON, and their total if asked."""
+        total = None
+        if query.count is not None:
+            counted = await self._execute(query.count.sql, query.count.params)
+            total = int(counted.values[0] or b"0")
+        page = await self._execute(query.page.sql, query.page.params)
+        return [v for v in page.values if v is not None], total
+
+    async def _run(
+        self,
+        sql: bytes,
+        key: str,
+        *more: bytes,
+        name: bytes,
+        retry: bool = False,
+        what: str = "invalid key",
+    ) -> Rows:
+        return await self._execute(sql, (key.encode(), *more), name=name, retry=retry, what=what)
+
+    async def _execute(
+        self,
+        sql: bytes,
+        params: Sequence[bytes],
+        *,
+        name: bytes | None = None,
+        retry: bool = True,
+        what: str = "invalid query",
+    ) -> Rows:
+        try:
+            return await self.db.execute(sql, params, name=name, retry=retry)
+        except PgError as exc:
+            if exc.sqlstate[:2] in _CLIENT_CLASSES:
+                raise BadRequest(f"{what}: {exc.message}") from None
+            raise
