@@ -10,11 +10,13 @@
 #   internal port  POST {prefix}/mesh/{id}/events  read + json-decode the body, publish, 204
 #                  POST /bench/fly/{id}            publish the raw body as one FLY frame, 204
 #   both           GET  /health, GET /ready        200
+#                  GET  /bench/stats               hub counters: publishes, writes, frames
 #
 # Fan-out follows the design (DESIGN.md §5): a frame is encoded once; each subscriber owns a
-# list of waiting frames and a wakeup `trio.Event`; publishing appends and sets the event, never
-# awaits; a woken subscriber writes all its waiting frames in one body message. A terminal
-# status frame ends the stream after it is written. Nothing is stored, so ids are never 404.
+# list of waiting frames and a parking lot its writer sleeps in; publishing appends and unparks,
+# never awaits; a woken writer sends all its waiting frames in one body message. A terminal
+# status frame ends the stream after it is written. One timer sends `:keepalive` to quiet
+# streams. Nothing is stored, so ids are never 404.
 #
 # Run: python bench/bare_app.py --external-port 18080 --internal-port 18081
 # (or env ASYA_MESH_EXTERNAL_PORT / ASYA_MESH_INTERNAL_PORT / ASYA_MESH_API_PREFIX).
@@ -58,18 +60,20 @@ def _compact(value: object) -> bytes:
 
 @attrs.define(eq=False)
 class Subscriber:
-    """One open SSE stream: frames waiting to be written and the event that wakes its writer."""
+    """One open SSE stream: frames waiting to be written and where its writer parks."""
 
     frames: list[bytes] = attrs.field(factory=list)
-    wake: trio.Event = attrs.field(factory=trio.Event)
+    parked: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     ended: bool = False
+    quiet: bool = True
 
-    def push(self, frame: bytes, *, last: bool) -> None:
+    def push(self, frame: bytes, *, last: bool = False) -> None:
         if self.ended:
             return
         self.frames.append(frame)
         self.ended = last
-        self.wake.set()
+        if self.parked:
+            self.parked.unpark_all()
 
 
 @attrs.define(eq=False)
@@ -78,6 +82,16 @@ class Hub:
 
     by_id: dict[str, set[Subscriber]] = attrs.field(factory=dict)
     published: int = 0
+    writes: int = 0
+    frames_written: int = 0
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "subscribers": sum(len(subs) for subs in self.by_id.values()),
+            "published": self.published,
+            "writes": self.writes,
+            "frames_written": self.frames_written,
+        }
 
     def subscribe(self, envelope_id: str) -> Subscriber:
         sub = Subscriber()
@@ -90,6 +104,17 @@ class Hub:
             subs.discard(sub)
             if not subs:
                 del self.by_id[envelope_id]
+
+    async def keepalive(self, interval: float) -> None:
+        """Every `interval`, a `:keepalive` comment to each stream that wrote nothing since the
+        last tick: one timer for all streams instead of a timeout per wait."""
+        while True:
+            await trio.sleep(interval)
+            for subs in self.by_id.values():
+                for sub in subs:
+                    if sub.quiet:
+                        sub.push(b":keepalive\n\n")
+                    sub.quiet = True
 
     def publish(self, envelope_id: str, frame: bytes, *, last: bool = False) -> None:
         self.published += 1
@@ -130,16 +155,12 @@ async def _stream(hub: Hub, envelope_id: str, receive: Receive, send: Send) -> N
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
             while True:
                 if not sub.frames:
-                    with trio.move_on_after(KEEPALIVE_SECONDS):
-                        await sub.wake.wait()
-                    sub.wake = trio.Event()
-                if not sub.frames:
-                    await send(
-                        {"type": "http.response.body", "body": b":keepalive\n\n", "more_body": True}
-                    )
-                    continue
+                    await sub.parked.park()
                 batch = b"".join(sub.frames)
+                hub.writes += 1
+                hub.frames_written += len(sub.frames)
                 sub.frames.clear()
+                sub.quiet = False
                 await send(
                     {"type": "http.response.body", "body": batch, "more_body": not sub.ended}
                 )
@@ -203,6 +224,9 @@ def make_app(hub: Hub, *, prefix: str, internal: bool) -> Callable[..., Awaitabl
                     hub.publish(envelope_id, frame, last=last)
                     await _reply(send, 204)
                     return
+        if path == "/bench/stats" and method == "GET":
+            await _reply(send, 200, _compact(hub.statistics()), JSON_HEADERS)
+            return
         if path.startswith("/bench/fly/") and method == "POST" and internal:
             body = await _read_body(receive)
             hub.publish(path[len("/bench/fly/") :], b"event: fly\ndata: " + body + b"\n\n")
@@ -236,6 +260,7 @@ async def main(external_port: int, internal_port: int, prefix: str) -> None:
                     return
 
         nursery.start_soon(on_signal)
+        nursery.start_soon(hub.keepalive, KEEPALIVE_SECONDS)
         async with trio.open_nursery() as servers:
             for port, internal in ((external_port, False), (internal_port, True)):
                 app = make_app(hub, prefix=prefix, internal=internal)
