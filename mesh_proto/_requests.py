@@ -7,7 +7,6 @@ reply. Nothing else escapes: a property test feeds them arbitrary bytes to prove
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -33,12 +32,14 @@ _NAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 def parse_query(query: str | bytes) -> dict[str, str]:
     """A query string as a dict (the last of repeated keys wins).
 
+    Raw bytes are UTF-8 like the percent-encoded ones, so `é` and `%C3%A9` read the same.
+
     Raises:
-        BadRequest: the query is not valid percent-encoded UTF-8.
+        BadRequest: the query is not UTF-8, raw or percent-encoded.
     """
-    if isinstance(query, bytes):
-        query = query.decode("latin-1")
     try:
+        if isinstance(query, bytes):
+            query = query.decode("utf-8")
         return dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("invalid query string") from None
@@ -122,12 +123,9 @@ class CreateRequest:
         timeout = fields.get("timeout", 0)
         if timeout is None:
             timeout = 0
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
+        # Compared, never converted, until bounded: `float()` of a 400-digit integer overflows.
+        # (JSON input holds no NaN or infinity: `loads` rejects them.)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise BadRequest("timeout must be a non-negative number of seconds")
         if timeout > MAX_TIMEOUT:
             raise BadRequest(f"timeout must be at most {MAX_TIMEOUT:.0f} seconds")
