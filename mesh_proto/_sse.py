@@ -1,6 +1,6 @@
 """Server-Sent Events: frame encoding, the per-stream state machine, and a parser.
 
-Frames are bytes built once per event (`status_frame`, `fly_frame`, `catch_up_frame`) and
+Frames are bytes built once per event (`Published.status`, `Published.fly`, `catch_up_frame`) and
 shared by every subscriber. `data` is always compact single-line JSON, so nothing a poster sends
 can break the framing.
 
@@ -19,6 +19,7 @@ can break the framing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -113,45 +114,67 @@ class SseStream:
 
 @attrs.frozen(kw_only=True)
 class SseEvent:
-    """A parsed SSE event; `comments` holds comment lines (such as keepalives) before it."""
+    """A parsed SSE event. `id` is the `id:` of this event's own lines (None when it had none)."""
 
     event: str = "message"
     data: str = ""
     id: str | None = None
 
 
+_EOL: Final = re.compile(rb"\r\n|\r|\n")
+
+
 @attrs.define(eq=False)
 class SseParser:
     """Incremental SSE parser: `feed(bytes)` returns the events completed by those bytes.
 
-    Comment lines are counted in `comments`; an incomplete trailing event stays buffered.
+    It follows the WHATWG event-stream rules: lines end with CRLF, LF or a lone CR (also when a
+    CRLF is split across two chunks); bytes are UTF-8 with invalid sequences replaced; a blank
+    line dispatches an event only if it had a `data` line; unknown fields (`retry`, ...) are
+    ignored, and so is an `id` holding NUL. Comment lines (such as keepalives) are collected,
+    stripped, in `comments`; an incomplete trailing event stays buffered.
     """
 
     comments: list[str] = attrs.field(factory=list)
     _buffer: bytes = b""
-    _fields: dict[str, list[str]] = attrs.field(factory=dict)
+    _after_cr: bool = False
+    _event: str = ""
+    _data: list[str] | None = None
+    _id: str | None = None
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
+        if self._after_cr and chunk:
+            # The CR ending the previous chunk was a line end; an LF right after it is its pair.
+            chunk = chunk.removeprefix(b"\n")
+            self._after_cr = False
         self._buffer += chunk
         events: list[SseEvent] = []
-        while True:
-            cut = self._buffer.find(b"\n")
-            if cut < 0:
-                return events
-            line = self._buffer[:cut].rstrip(b"\r").decode("utf-8")
-            self._buffer = self._buffer[cut + 1 :]
-            if not line:
-                if self._fields:
-                    events.append(
-                        SseEvent(
-                            event=self._fields.get("event", ["message"])[-1],
-                            data="\n".join(self._fields.get("data", [])),
-                            id=self._fields["id"][-1] if "id" in self._fields else None,
-                        )
+        while (end := _EOL.search(self._buffer)) is not None:
+            line = self._buffer[: end.start()].decode("utf-8", "replace")
+            self._after_cr = end.group() == b"\r" and end.end() == len(self._buffer)
+            self._buffer = self._buffer[end.end() :]
+            if line:
+                self._field(line)
+            elif self._data is not None:
+                events.append(
+                    SseEvent(
+                        event=self._event or "message", data="\n".join(self._data), id=self._id
                     )
-                    self._fields = {}
-            elif line.startswith(":"):
-                self.comments.append(line[1:].strip())
+                )
+                self._event, self._data, self._id = "", None, None
             else:
-                name, _, value = line.partition(":")
-                self._fields.setdefault(name, []).append(value.removeprefix(" "))
+                self._event, self._id = "", None
+        return events
+
+    def _field(self, line: str) -> None:
+        if line.startswith(":"):
+            self.comments.append(line[1:].strip())
+            return
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data = [*(self._data or ()), value]
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id = value
