@@ -58,8 +58,15 @@ class StoreReply:
 
 
 def key_target(key: str, **params: str) -> str:
-    """`/keys/{key}` with the key percent-encoded as one segment (and optional query)."""
-    target = "/keys/" + quote(key, safe="")
+    """`/keys/{key}` with the key percent-encoded as one segment (and optional query).
+
+    `.` and `..` are encoded too: as literal segments an HTTP stack would resolve them as dot
+    segments (`/keys/..` is `/`), and the request would name another resource.
+    """
+    segment = quote(key, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    target = "/keys/" + segment
     return target + ("?" + urlencode(params) if params else "")
 
 
