@@ -1,0 +1,159 @@
+"""Routing (DESIGN §3): the prefix, 404 versus 405 with `Allow`, and the two port roles."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_proto import ROUTES, MethodNotAllowed, NotFound, Op, Role, Route, Router
+
+from ._support import ID
+
+EXT, INT = Role.EXTERNAL, Role.INTERNAL
+ROUTER = Router("/api/v1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [("/api/v1", "/api/v1"), ("api/v1/", "/api/v1"), ("/api/v1/", "/api/v1"),
+     (" /gw ", "/gw"), ("", ""), ("/", ""), ("//", "")],
+    ids=repr,
+)  # fmt: skip
+def test_prefix_normalisation(raw: str, normalised: str) -> None:
+    assert Router(raw).prefix == normalised
+    assert Router(raw) == Router(normalised)
+
+
+RESOLVED = [
+    # role, method, path, op, with id
+    (EXT, "POST", "/api/v1/mesh/", Op.CREATE, False),
+    (EXT, "POST", "/api/v1/mesh", Op.CREATE, False),
+    (EXT, "GET", "/api/v1/mesh/", Op.LIST, False),
+    (EXT, "HEAD", "/api/v1/mesh/", Op.LIST, False),
+    (EXT, "GET", f"/api/v1/mesh/{ID}", Op.GET, True),
+    (EXT, "HEAD", f"/api/v1/mesh/{ID}", Op.GET, True),
+    (EXT, "DELETE", f"/api/v1/mesh/{ID}", Op.CANCEL, True),
+    (EXT, "GET", f"/api/v1/mesh/{ID}/events", Op.STREAM, True),
+    (EXT, "GET", "/health", Op.HEALTH, False),
+    (EXT, "HEAD", "/health", Op.HEALTH, False),
+    (EXT, "GET", "/ready", Op.READY, False),
+    (INT, "POST", f"/api/v1/mesh/{ID}/events", Op.PUBLISH, True),
+    (INT, "GET", f"/api/v1/mesh/{ID}", Op.GET, True),
+    (INT, "HEAD", f"/api/v1/mesh/{ID}", Op.GET, True),
+    (INT, "GET", "/health", Op.HEALTH, False),
+    (INT, "GET", "/ready", Op.READY, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "op", "with_id"),
+    [pytest.param(*row, id=f"{row[0].value}-{row[1]}-{row[2]}") for row in RESOLVED],
+)
+def test_resolves(role: Role, method: str, path: str, op: Op, with_id: bool) -> None:
+    assert ROUTER.resolve(role, method, path) == Route(op=op, id=ID if with_id else None)
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "allow"),
+    [
+        (EXT, "PUT", "/api/v1/mesh/", "GET, POST"),
+        (EXT, "DELETE", "/api/v1/mesh", "GET, POST"),
+        (EXT, "POST", f"/api/v1/mesh/{ID}", "DELETE, GET"),
+        (EXT, "PATCH", f"/api/v1/mesh/{ID}", "DELETE, GET"),
+        (EXT, "POST", f"/api/v1/mesh/{ID}/events", "GET"),
+        (EXT, "POST", "/health", "GET"),
+        (EXT, "DELETE", "/ready", "GET"),
+        (EXT, "get", "/health", "GET"),
+        (INT, "DELETE", f"/api/v1/mesh/{ID}", "GET"),
+        (INT, "GET", f"/api/v1/mesh/{ID}/events", "POST"),
+        (INT, "PUT", "/health", "GET"),
+        # The path has the shape of a route, so the method is what is wrong.
+        (EXT, "PUT", "/api/v1/mesh/not-an-id", "DELETE, GET"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and not v.startswith(("G", "D", "P")) else None,
+)
+def test_known_path_wrong_method_is_405_with_allow(
+    role: Role, method: str, path: str, allow: str
+) -> None:
+    with pytest.raises(MethodNotAllowed) as caught:
+        ROUTER.resolve(role, method, path)
+    error = caught.value
+    assert error.status_hint == 405
+    assert error.headers == (("allow", allow),)
+    assert error.allowed == tuple(allow.split(", "))
+    assert error.body() == b'{"error": "method not allowed"}'
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "message"),
+    [
+        (EXT, "GET", "/", "not found"),
+        (EXT, "GET", "", "not found"),
+        (EXT, "GET", "/api/v1", "not found"),
+        (EXT, "GET", "/api/v1/", "not found"),
+        (EXT, "GET", "/mesh/", "not found"),
+        (EXT, "GET", "/api/v2/mesh/", "not found"),
+        (EXT, "GET", "/api/v1x/mesh/", "not found"),
+        (EXT, "GET", "/api/v1/mesh//events", "not found"),
+        (EXT, "GET", f"/api/v1/mesh/{ID}/", "not found"),
+        (EXT, "GET", f"/api/v1/mesh/{ID}/events/", "not found"),
+        (EXT, "GET", f"/api/v1/mesh/{ID}/other", "not found"),
+        (EXT, "GET", f"/api/v1/mesh/a/{ID}", "not found"),
+        (EXT, "GET", "/api/v1/health", "not found"),
+        (EXT, "GET", "/health/", "not found"),
+        (EXT, "GET", "/healthz", "not found"),
+        (EXT, "GET", "/api/v1/mesh/not-an-id", "envelope not found"),
+        (EXT, "DELETE", f"/api/v1/mesh/{ID.upper()}", "envelope not found"),
+        (EXT, "GET", "/api/v1/mesh/../events", "envelope not found"),
+        (INT, "GET", "/api/v1/mesh/", "not found"),
+        (INT, "POST", "/api/v1/mesh/", "not found"),
+        (INT, "POST", "/api/v1/mesh/x/events", "envelope not found"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.startswith("/") else None,
+)
+def test_unknown_path_is_404(role: Role, method: str, path: str, message: str) -> None:
+    with pytest.raises(NotFound) as caught:
+        ROUTER.resolve(role, method, path)
+    assert caught.value.message == message
+    assert caught.value.headers == ()
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "api/v1/", "/gw/mesh-api"], ids=repr)
+def test_every_route_under_any_prefix(prefix: str) -> None:
+    router = Router(prefix)
+    for spec in ROUTES:
+        base = "" if spec.bare else router.prefix
+        path = base + spec.pattern.replace("{id}", ID)
+        route = router.resolve(spec.role, spec.method, path)
+        assert route == Route(op=spec.op, id=ID if "{id}" in spec.pattern else None)
+
+
+def test_empty_prefix_puts_the_api_under_mesh() -> None:
+    router = Router("")
+    assert router.resolve(EXT, "GET", "/mesh/") == Route(op=Op.LIST)
+    assert router.resolve(EXT, "GET", f"/mesh/{ID}/events") == Route(op=Op.STREAM, id=ID)
+    assert router.resolve(INT, "GET", "/ready") == Route(op=Op.READY)
+    with pytest.raises(NotFound):
+        router.resolve(EXT, "GET", "/api/v1/mesh/")
+
+
+def test_route_table_shape() -> None:
+    by_role = {
+        role: sorted((s.method, s.pattern, s.op.value) for s in ROUTES if s.role is role)
+        for role in Role
+    }
+    assert by_role[EXT] == [
+        ("DELETE", "/mesh/{id}", "cancel"),
+        ("GET", "/health", "health"),
+        ("GET", "/mesh/", "list"),
+        ("GET", "/mesh/{id}", "get"),
+        ("GET", "/mesh/{id}/events", "stream"),
+        ("GET", "/ready", "ready"),
+        ("POST", "/mesh/", "create"),
+    ]
+    assert by_role[INT] == [
+        ("GET", "/health", "health"),
+        ("GET", "/mesh/{id}", "get"),
+        ("GET", "/ready", "ready"),
+        ("POST", "/mesh/{id}/events", "publish"),
+    ]
+    assert all(s.bare == (s.op in (Op.HEALTH, Op.READY)) for s in ROUTES)
