@@ -1,0 +1,255 @@
+# Benchmark runner: the bare app and the real server, the same scenarios, one table of ratios.
+#
+# For each target it starts a fresh server pinned to core 0 (`taskset -c 0`), waits for
+# `GET /health` on both ports (polled, with a bound), runs `bench/loadgen.py` pinned to core 1
+# (`taskset -c 1`) with the server's pid, and stops the server (SIGTERM, then SIGKILL). The
+# memory scenario gets a server of its own: freed memory is reused by the allocator, so only a
+# fresh process measures what a stream costs. Figures of the real server ("ours") are printed as
+# ratios to the bare app, the HTTP stack's own limit (bench/bare_app.py).
+#
+# Servers inherit this process's RLIMIT_NOFILE, raised to the hard limit here, so 5000 streams
+# fit. Ports are free ports on 127.0.0.1 picked at start; nothing else is contacted. Each
+# loadgen call has a timeout and the whole run a deadline (`--budget`, default 290 s).
+#
+# Run: .venv/bin/python bench/run.py [--quick] [--targets bare,ours]
+#      [--ours-cmd ".venv/bin/asya-mesh-api"] [--ours-env ASYA_MESH_STORE=sqlite:/tmp/b.db]
+# Writes bench/results/latest.json and bench/results/*.log (server logs); prints a markdown table.
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PYTHON = sys.executable
+
+Results = dict[str, dict[str, float]]
+
+
+@attrs.define
+class ServerSpec:
+    """How to start one server: argv (ports substituted) and extra environment."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = attrs.field(factory=dict)
+
+    def command(self, external: int, internal: int) -> tuple[list[str], dict[str, str]]:
+        ports = {"external": str(external), "internal": str(internal)}
+        argv = [part.format(**ports) for part in self.argv]
+        env = dict(os.environ)
+        env.update(
+            ASYA_MESH_EXTERNAL_PORT=str(external),
+            ASYA_MESH_INTERNAL_PORT=str(internal),
+            ASYA_LOG_LEVEL="warning",
+        )
+        env.update({k: v.format(**ports) for k, v in self.env.items()})
+        return ["taskset", "-c", "0", *argv], env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def running(spec: ServerSpec, log: Path, ready_within: float = 20.0) -> Iterator[tuple[int, ...]]:
+    """Start `spec` on two free ports; yield (pid, external, internal) once both are healthy.
+
+    Raises RuntimeError (with the log's tail) if it exits or is not healthy in time.
+    """
+    external, internal = free_port(), free_port()
+    argv, env = spec.command(external, internal)
+    with open(log, "ab") as out:
+        out.write(f"\n=== {shlex.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + ready_within
+        while not (healthy(external) and healthy(internal)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{spec.name} did not become healthy:\n{tail}")
+            time.sleep(0.1)
+        yield proc.pid, external, internal
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def loadgen(
+    pid: int, external: int, internal: int, scenarios: str, extra: list[str], timeout: float
+) -> Results:
+    out = RESULTS / f"loadgen-{pid}.json"
+    argv = [
+        "taskset",
+        "-c",
+        "1",
+        PYTHON,
+        str(BENCH / "loadgen.py"),
+        f"--external-port={external}",
+        f"--internal-port={internal}",
+        f"--server-pid={pid}",
+        f"--scenarios={scenarios}",
+        f"--json={out}",
+        *extra,
+    ]
+    subprocess.run(argv, cwd=ROOT, check=True, timeout=timeout)
+    results: Results = json.loads(out.read_text())["results"]
+    out.unlink()
+    return results
+
+
+def bench_target(spec: ServerSpec, args: argparse.Namespace, deadline: float) -> Results:
+    log = RESULTS / f"{spec.name}.log"
+    log.write_text("")
+    extra = ["--quick"] if args.quick else []
+    extra += args.loadgen_arg
+    results: Results = {}
+    groups = [g for g in (args.scenarios, "memory" if args.memory else "") if g]
+    for scenarios in groups:
+        left = deadline - time.monotonic()
+        if left < 20:
+            print(f"[{spec.name}] skipping {scenarios}: run budget spent", flush=True)
+            continue
+        print(f"[{spec.name}] {scenarios}", flush=True)
+        try:
+            with running(spec, log) as (pid, external, internal):
+                results.update(loadgen(pid, external, internal, scenarios, extra, timeout=left))
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            print(f"[{spec.name}] {scenarios} failed: {exc}", flush=True)
+    return results
+
+
+# (scenario, figure, label, higher is better)
+ROWS = [
+    ("create", "req_per_s", "create, requests/s", True),
+    ("events", "req_per_s", "internal events, requests/s", True),
+    ("fanout_1", "p50_ms", "FLY latency p50, 1 subscriber, ms", False),
+    ("fanout_1", "p99_ms", "FLY latency p99, 1 subscriber, ms", False),
+    ("fanout_100", "p50_ms", "FLY latency p50, 100 subscribers, ms", False),
+    ("fanout_100", "p99_ms", "FLY latency p99, 100 subscribers, ms", False),
+    ("fanout_1000", "p50_ms", "FLY latency p50, 1000 subscribers, ms", False),
+    ("fanout_1000", "p99_ms", "FLY latency p99, 1000 subscribers, ms", False),
+    ("fanout_1000", "publish_rate", "FLY publish rate kept, 1000 subscribers, events/s", True),
+    ("tokens", "tokens_per_s", "tokens/s, 10 streams", True),
+    ("tokens", "streams_ended", "streams ended by the terminal status (of 10)", True),
+    ("memory", "kib_per_stream_1000", "RSS per idle SSE stream, 1000 streams, KiB", False),
+    ("memory", "kib_per_stream_5000", "RSS per idle SSE stream, 5000 streams, KiB", False),
+]
+CPU_SCENARIOS = ["create", "events", "fanout_1000", "tokens"]
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(all_results: dict[str, Results]) -> str:
+    names = list(all_results)
+    bare = all_results.get("bare", {})
+    head = ["figure", *names]
+    others = [n for n in names if n != "bare"]
+    head += [f"{n} / bare" for n in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(label: str, scenario: str, figure: str) -> None:
+        values = [all_results[n].get(scenario, {}).get(figure) for n in names]
+        if all(v is None for v in values):
+            return
+        cells = [label, *(_num(v) for v in values)]
+        base = bare.get(scenario, {}).get(figure)
+        for n in others:
+            ours = all_results[n].get(scenario, {}).get(figure)
+            cells.append(f"{ours / base:.2f}" if ours is not None and base else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for scenario, figure, label, higher in ROWS:
+        row(f"{label} ({'higher' if higher else 'lower'} is better)", scenario, figure)
+    for scenario in CPU_SCENARIOS:
+        row(f"loadgen CPU during {scenario}, % of a core", scenario, "loadgen_cpu_pct")
+        row(f"server CPU during {scenario}, % of a core", scenario, "server_cpu_pct")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="run the benchmarks against bare and ours")
+    parser.add_argument("--quick", action="store_true", help="seconds, for a smoke check")
+    parser.add_argument("--targets", default="bare,ours")
+    parser.add_argument("--ours-cmd", default=str(ROOT / ".venv" / "bin" / "asya-mesh-api"))
+    parser.add_argument(
+        "--ours-env", action="append", default=[], help="KEY=VALUE for the real server"
+    )
+    parser.add_argument("--scenarios", default="create,events,fanout,tokens")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument(
+        "--loadgen-arg", action="append", default=[], help="passed to loadgen.py as is"
+    )
+    parser.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run")
+    parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.budget
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    RESULTS.mkdir(exist_ok=True)
+    specs = {
+        "bare": ServerSpec(
+            "bare",
+            [
+                PYTHON,
+                str(BENCH / "bare_app.py"),
+                "--external-port={external}",
+                "--internal-port={internal}",
+            ],
+        ),
+        "ours": ServerSpec(
+            "ours",
+            shlex.split(args.ours_cmd),
+            dict(item.split("=", 1) for item in args.ours_env),
+        ),
+    }
+    all_results: dict[str, Results] = {}
+    for name in args.targets.split(","):
+        all_results[name] = bench_target(specs[name], args, deadline)
+    Path(args.out).write_text(json.dumps(all_results, indent=2))
+    print()
+    print(table(all_results))
+
+
+if __name__ == "__main__":
+    main()
