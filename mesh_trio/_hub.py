@@ -5,7 +5,8 @@ awaits: it appends the frame (encoded once by `mesh_proto.Published`) to each su
 pending list and wakes it. A woken subscriber takes everything pending at once, so the frames
 that queued up while it was busy go out in one write.
 
-Slow-client policy (each subscriber holds at most `limit` pending frames):
+Slow-client policy (each subscriber holds at most `limit` pending frames and `max_bytes` of
+them):
 
 1. when full, a new FLY frame is dropped for that subscriber (counted in `dropped_fly`);
 2. when full and a status frame arrives, pending FLY frames are dropped first to make room;
@@ -31,26 +32,33 @@ from mesh_proto import Published
 class Subscription:
     key: str
     limit: int
+    max_bytes: int
     pending: list[Published] = attrs.field(factory=list)
+    pending_bytes: int = 0
     resync: bool = False
     closed: bool = False
     dropped_fly: int = 0
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
 
+    def _full(self) -> bool:
+        return len(self.pending) >= self.limit or self.pending_bytes >= self.max_bytes
+
     def deliver(self, published: Published) -> None:
-        if len(self.pending) >= self.limit:
+        if self._full():
             if published.is_fly:
                 self.dropped_fly += 1
                 return
             kept = [p for p in self.pending if not p.is_fly]
             self.dropped_fly += len(self.pending) - len(kept)
             self.pending = kept
-            if len(kept) >= self.limit:
-                self.pending = []
+            self.pending_bytes = sum(len(p.frame) for p in kept)
+            if self._full():
+                self.pending, self.pending_bytes = [], 0
                 self.resync = True
                 self._wakeup.set()
                 return
         self.pending.append(published)
+        self.pending_bytes += len(published.frame)
         self._wakeup.set()
 
     async def wait(self) -> None:
@@ -60,7 +68,7 @@ class Subscription:
     def take(self) -> tuple[list[Published], bool]:
         """Everything pending and whether a resync is due; resets both."""
         pending, resync = self.pending, self.resync
-        self.pending, self.resync = [], False
+        self.pending, self.pending_bytes, self.resync = [], 0, False
         if not self.closed:
             self._wakeup = trio.Event()
         return pending, resync
@@ -83,6 +91,7 @@ class HubStatistics:
 @attrs.define(eq=False)
 class Hub:
     limit: int = 1024
+    max_bytes: int = 1 << 20
     closed: bool = False
     _subscribers: dict[str, set[Subscription]] = attrs.field(factory=dict)
     _published: int = 0
@@ -93,7 +102,7 @@ class Hub:
     @contextmanager
     def subscribe(self, key: str) -> Iterator[Subscription]:
         """A subscription to `key` for the duration of the block (closed at once if the hub is)."""
-        sub = Subscription(key, self.limit)
+        sub = Subscription(key, self.limit, self.max_bytes)
         if self.closed:
             sub.close()
         subs = self._subscribers.setdefault(key, set())
