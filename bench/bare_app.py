@@ -265,7 +265,7 @@ async def main(external_port: int, internal_port: int, prefix: str) -> None:
             for port, internal in ((external_port, False), (internal_port, True)):
                 app = make_app(hub, prefix=prefix, internal=internal)
                 await servers.start(
-                    partial(serve, app, hypercorn_config(port), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+                    partial(serve, app, hypercorn_config(port), shutdown_trigger=stop.wait)
                 )
             print(f"bare app ready on {external_port}/{internal_port}", file=sys.stderr, flush=True)
         nursery.cancel_scope.cancel()
