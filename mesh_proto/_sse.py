@@ -8,11 +8,20 @@ can break the framing.
 
 1. the runtime subscribes first, then reads the stored envelope and calls
    `catch_up(envelope)`: the catch-up frame, and the stream is done if already terminal;
-2. events published since the subscription go through `live(event)`: a status event that the
-   snapshot already holds (its revision is not above the snapshot's) is dropped, a
-   terminal status ends the stream after its frame, FLY frames pass as they are;
+2. events published since the subscription go through `live(events)`: a status event that the
+   client already has (the snapshot, or a status frame sent since) is dropped, a terminal
+   status ends the stream after its frame, FLY frames pass as they are;
 3. `keepalive_in(now)` says how long the stream may stay silent before a `:keepalive` comment
    is due; `sent(now)` records that bytes went out.
+
+Whether the client has an event is decided on (rank, revision), in that order, against the
+newest status it was sent. The state proxy guards a write with the status it read (`PUT
+?if_status=`), so ranks never go back, but two writers that read the same version can both land
+when the first keeps the status (a progress update): revisions can then tie or even go back.
+Comparing revisions alone would drop a `canceled` racing a progress update whose write the
+snapshot saw, and the stream would never end. A higher rank is always news; only same-status
+events are told apart by revision. Since the mark moves with every status frame sent, a client
+never sees a status go back, even when two publishers' events reach the hub out of order.
 
 `SseParser` reads a byte stream back into events (for tests and clients).
 """
@@ -27,9 +36,10 @@ import attrs
 
 from ._envelope import Envelope
 from ._json import dumps
-from ._status import Applied
+from ._status import RANK, Applied
 
 KEEPALIVE: Final = b":keepalive\n\n"
+_TERMINAL_RANK: Final = max(RANK.values())
 
 
 def encode_frame(event: str, data: Any, *, event_id: str | None = None) -> bytes:
@@ -47,13 +57,15 @@ def catch_up_frame(envelope: Envelope) -> bytes:
 class Published:
     """An event as the hub fans it out: the frame bytes, encoded once for all subscribers.
 
-    `version` is the envelope's revision after a status event (None for FLY), which is how a
-    stream tells whether its snapshot already holds the event.
+    `version` is the envelope's revision after a status event (None for FLY) and `rank` the
+    rank of its status, which is how a stream tells whether its snapshot already holds the
+    event (a status event built without a rank is ordered by `terminal` and `version`).
     """
 
     frame: bytes
     terminal: bool = False
     version: int | None = None
+    rank: int | None = None
 
     @property
     def is_fly(self) -> bool:
@@ -67,6 +79,7 @@ class Published:
             frame=encode_frame("status", data),
             terminal=applied.terminal,
             version=applied.envelope.revision,
+            rank=RANK[applied.envelope.status],
         )
 
     @classmethod
@@ -81,12 +94,12 @@ class SseStream:
 
     keepalive: float
     done: bool = False
-    _snapshot_version: int | None = None
+    _seen: tuple[int, int] | None = None
     _last_sent: float = 0.0
 
     def catch_up(self, envelope: Envelope) -> bytes:
         """The catch-up frame for the snapshot read after subscribing."""
-        self._snapshot_version = envelope.revision
+        self._seen = (RANK[envelope.status], envelope.revision)
         self.done = envelope.terminal
         return catch_up_frame(envelope)
 
@@ -97,11 +110,22 @@ class SseStream:
             if self.done:
                 break
             if event.version is not None:
-                if self._snapshot_version is not None and event.version <= self._snapshot_version:
+                key = self._key(event, event.version)
+                if self._seen is not None and key <= self._seen:
                     continue
+                self._seen = key
                 self.done = event.terminal
             out.append(event.frame)
         return b"".join(out)
+
+    def _key(self, event: Published, version: int) -> tuple[int, int]:
+        """A status event's place in the envelope's history (see the module comment)."""
+        if event.rank is not None:
+            return (event.rank, version)
+        if event.terminal:
+            return (_TERMINAL_RANK, version)
+        # Built without a rank: ordered by revision within what the client has.
+        return (self._seen[0] if self._seen is not None else 0, version)
 
     def sent(self, now: float) -> None:
         """Record that bytes went out at `now` (seconds on any monotonic clock)."""

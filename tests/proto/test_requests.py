@@ -413,7 +413,7 @@ def only_client_errors(parse: Any, *args: Any) -> Any:
         return exc
 
 
-FUZZ = settings(max_examples=300, deadline=None)
+FUZZ = settings(max_examples=200, deadline=None)
 
 
 @FUZZ

@@ -76,7 +76,10 @@ def applied(stored: Status, incoming: Status, data: dict[str, Any], revision: in
 def test_published_status_carries_the_event_data_with_status() -> None:
     published = Published.status(applied(Status.PENDING, Status.RUNNING, {"k": "v"}, 4))
     assert published == Published(
-        frame=b'event: status\ndata: {"k":"v","status":"running"}\n\n', terminal=False, version=4
+        frame=b'event: status\ndata: {"k":"v","status":"running"}\n\n',
+        terminal=False,
+        version=4,
+        rank=1,
     )
     assert not published.is_fly
 
@@ -84,7 +87,7 @@ def test_published_status_carries_the_event_data_with_status() -> None:
 def test_published_status_overrides_a_posted_status_key() -> None:
     published = Published.status(applied(Status.RUNNING, Status.SUCCEEDED, {"status": "x"}, 9))
     assert published == Published(
-        frame=b'event: status\ndata: {"status":"succeeded"}\n\n', terminal=True, version=9
+        frame=b'event: status\ndata: {"status":"succeeded"}\n\n', terminal=True, version=9, rank=3
     )
 
 
@@ -95,15 +98,21 @@ def test_published_status_overrides_a_posted_status_key() -> None:
 )
 def test_published_fly_is_the_posted_data(data: Any, frame: bytes) -> None:
     published = Published.fly(data)
-    assert published == Published(frame=frame, terminal=False, version=None)
+    assert published == Published(frame=frame, terminal=False, version=None, rank=None)
     assert published.is_fly
 
 
 # --- the stream state machine -------------------------------------------------------------
 
 
-def status(version: int, name: str = "running", *, terminal: bool = False) -> Published:
-    return Published(frame=f"<{name} {version}>".encode(), terminal=terminal, version=version)
+def status(version: int, name: str = "running") -> Published:
+    """A published status event as `Published.status` makes it, with a readable frame."""
+    return Published(
+        frame=f"<{name} {version}>".encode(),
+        terminal=Status(name).terminal,
+        version=version,
+        rank=Status(name).rank,
+    )
 
 
 def fly(text: str) -> Published:
@@ -123,24 +132,30 @@ def test_catch_up_of_a_terminal_envelope_is_the_only_frame(terminal: Status) -> 
     stored = envelope(terminal, revision=5)
     assert stream.catch_up(stored) == catch_up_frame(stored)
     assert stream.done
-    assert stream.live([fly("a"), status(6, terminal=True)]) == b""
+    assert stream.live([fly("a"), status(6, "failed")]) == b""
 
 
 @pytest.mark.parametrize(
     ("events", "sent", "done"),
     [
         ([status(1), status(2), status(3)], b"", False),
+        ([status(1, "pending"), status(9, "pending")], b"", False),
         ([status(2), status(4), status(3), status(5)], b"<running 4><running 5>", False),
         ([fly("a"), status(3), fly("b")], b"<fly a><fly b>", False),
-        ([status(3, "failed", terminal=True)], b"", False),
-        ([status(4, "succeeded", terminal=True), fly("late"), status(5)],
-         b"<succeeded 4>", True),
-        ([fly("a"), status(4), status(5, "canceled", terminal=True), status(6)],
+        ([status(2, "paused"), status(1, "paused"), status(3, "paused")],
+         b"<paused 2><paused 3>", False),
+        ([status(4, "paused"), status(5), status(6, "pending")], b"<paused 4>", False),
+        ([status(3, "failed")], b"<failed 3>", True),
+        ([status(2, "canceled")], b"<canceled 2>", True),
+        ([status(4, "succeeded"), fly("late"), status(5)], b"<succeeded 4>", True),
+        ([fly("a"), status(4), status(5, "canceled"), status(6)],
          b"<fly a><running 4><canceled 5>", True),
         ([], b"", False),
     ],
-    ids=["snapshot-holds-them", "newer-pass-in-order", "fly-always-passes",
-         "stale-terminal-is-dropped", "terminal-ends-the-stream", "one-write-for-a-batch",
+    ids=["snapshot-holds-them", "lower-rank-is-held-at-any-revision", "newer-pass-in-order",
+         "fly-always-passes", "higher-rank-is-news-at-any-revision", "never-goes-back-once-sent",
+         "terminal-at-same-revision",
+         "terminal-at-older-revision", "terminal-ends-the-stream", "one-write-for-a-batch",
          "nothing"],
 )  # fmt: skip
 def test_live_after_a_snapshot_at_revision_3(
@@ -151,12 +166,34 @@ def test_live_after_a_snapshot_at_revision_3(
     assert stream.live(events) == sent
     assert stream.done is done
     if done:
-        assert stream.live([fly("after"), status(99, terminal=True)]) == b""
+        assert stream.live([fly("after"), status(99, "failed")]) == b""
 
 
-def test_live_before_any_snapshot_dedupes_nothing() -> None:
+@pytest.mark.parametrize(
+    ("event", "held"),
+    [
+        (Published(frame=b"<t>", terminal=True, version=3), False),
+        (Published(frame=b"<t>", terminal=True, version=1), False),
+        (Published(frame=b"<s>", version=3), True),
+        (Published(frame=b"<s>", version=4), False),
+    ],
+    ids=["terminal-same-revision", "terminal-older", "same-revision", "newer"],
+)
+def test_status_events_without_a_rank(event: Published, held: bool) -> None:
+    """Built by hand without `rank`: a terminal is news, others are ordered by revision."""
     stream = SseStream(keepalive=15)
-    assert stream.live([status(0), fly("x"), status(0)]) == b"<running 0><fly x><running 0>"
+    stream.catch_up(envelope(Status.RUNNING, revision=3))
+    assert stream.live([event]) == (b"" if held else event.frame)
+
+
+def test_live_before_any_snapshot_starts_from_the_first_status() -> None:
+    stream = SseStream(keepalive=15)
+    assert stream.live([status(0), fly("x"), status(0), status(1)]) == (
+        b"<running 0><fly x><running 1>"
+    )
+    stream = SseStream(keepalive=15)
+    unranked = [Published(frame=b"<a>", version=2), Published(frame=b"<b>", version=1)]
+    assert stream.live(unranked) == b"<a>"
 
 
 def test_live_accepts_any_iterable() -> None:
@@ -322,3 +359,49 @@ def test_parser_result_does_not_depend_on_chunking(wire: bytes, cuts: list[int])
     points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
     chunks = [wire[a:b] for a, b in itertools.pairwise(points)]
     assert feed_all(chunks) == feed_all([wire])
+
+
+# --- racing writers -----------------------------------------------------------------------
+# The state proxy's guard is the status only (`PUT ?if_status=`), so two writers that read the
+# same version can both write when the first keeps the status (a progress update): revisions
+# can then tie, or even go back. Ranks cannot: every write is guarded by the status it read.
+
+
+def race(first: StatusEvent, second: StatusEvent) -> tuple[Applied, Applied]:
+    """Both writers read revision 5 (running); the first keeps `running`, so both writes land."""
+    stored = envelope(Status.RUNNING, revision=5)
+    a = apply_event(stored, first, later(1))
+    b = apply_event(stored, second, later(1))
+    assert isinstance(a, Applied) and isinstance(b, Applied)
+    assert a.envelope.revision == b.envelope.revision == 6
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "second",
+    [Status.SUCCEEDED, Status.CANCELED, Status.FAILED, Status.PAUSED],
+    ids=str,
+)
+def test_a_change_racing_a_progress_update_is_never_dropped(second: Status) -> None:
+    progress, change = race(
+        StatusEvent(status=Status.RUNNING, data={"n": 1}), StatusEvent(status=second)
+    )
+    stream = SseStream(keepalive=15)
+    stream.catch_up(progress.envelope)  # the snapshot saw the progress write (revision 6)
+    frames = [Published.status(progress), Published.status(change)]
+    assert stream.live(frames) == Published.status(change).frame
+    assert stream.done is (second is not Status.PAUSED)
+
+
+def test_a_change_behind_a_newer_revision_is_not_dropped() -> None:
+    """Rev 5 running; B and C progress to 6 and 7; A (read at 5) pauses at revision 6."""
+    stored = envelope(Status.RUNNING, revision=5)
+    b = apply_event(stored, StatusEvent(status=Status.RUNNING), later(1))
+    assert isinstance(b, Applied)
+    c = apply_event(b.envelope, StatusEvent(status=Status.RUNNING), later(2))
+    a = apply_event(stored, StatusEvent(status=Status.PAUSED), later(3))
+    assert isinstance(c, Applied) and isinstance(a, Applied)
+    stream = SseStream(keepalive=15)
+    stream.catch_up(c.envelope)
+    sent = stream.live([Published.status(b), Published.status(c), Published.status(a)])
+    assert sent == Published.status(a).frame

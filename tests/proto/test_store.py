@@ -24,8 +24,11 @@ from mesh_proto import (
     Applied,
     Envelope,
     Ignored,
+    Published,
     Rule,
     ServiceError,
+    SseParser,
+    SseStream,
     Status,
     StatusEvent,
     StoreProtocolError,
@@ -584,7 +587,7 @@ actions = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     start=st.none() | statuses,
     events=st.lists(status_events, min_size=1, max_size=4),
@@ -659,3 +662,73 @@ def test_create_envelope_under_any_reply(status: int, body: bytes) -> None:
         assert type(exc) is (ServiceError if status in (500, 502, 503, 504) else StoreProtocolError)
     else:
         assert status in (200, 201, 204)
+
+
+# --- a stream over racing writers ---------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(status_events, min_size=2, max_size=4),
+    choices=st.lists(st.integers(0, 7), max_size=16),
+    subscribe_at=st.integers(0, 8),
+    snapshot_after=st.integers(0, 6),
+)
+def test_a_stream_over_racing_writers_never_misses_the_end(
+    events: list[StatusEvent], choices: list[int], subscribe_at: int, snapshot_after: int
+) -> None:
+    """Writers interleave request by request and publish in any order; a stream subscribes,
+    reads its snapshot, and gets what was published since. Whatever the interleaving, the client
+    sees statuses in rank order, and if the envelope ends terminal, the stream ends on it."""
+    kv = seeded(Status.RUNNING, revision=5)
+    procs = [update_status(ID, event, later(1)) for event in events]
+    waiting = {i: next(proc) for i, proc in enumerate(procs)}
+    finished: list[Applied] = []  # written, not yet published
+    hub: list[Published] = []
+    stream = SseStream(keepalive=15)
+    subscribed: int | None = None  # where in the hub the subscription starts
+    wire = b""
+
+    def advance(i: int) -> None:
+        try:
+            waiting[i] = procs[i].send(kv(waiting.pop(i)))
+        except StopIteration as done:
+            if isinstance(done.value, Applied):
+                finished.append(done.value)
+
+    def read_snapshot() -> bytes:
+        stored = kv.envelope()
+        assert stored is not None
+        return stream.catch_up(stored)
+
+    for step, choice in enumerate(choices):
+        if step == subscribe_at:
+            subscribed = len(hub)
+        if step == subscribe_at + snapshot_after:
+            wire = read_snapshot()
+        moves = [("advance", i) for i in waiting] + [("publish", j) for j in range(len(finished))]
+        if not moves:
+            break
+        move, index = moves[choice % len(moves)]
+        if move == "advance":
+            advance(index)
+        else:
+            hub.append(Published.status(finished.pop(index)))
+    while waiting:
+        advance(next(iter(waiting)))
+    hub += [Published.status(outcome) for outcome in finished]
+    if subscribed is None:
+        subscribed = len(hub)
+    if not wire:
+        wire = read_snapshot()
+    wire += stream.live(hub[subscribed:])
+
+    sent = [json.loads(e.data)["status"] for e in SseParser().feed(wire)]
+    ranks = [RANK[Status(s)] for s in sent]
+    assert ranks == sorted(ranks), f"a status went back on the stream: {sent}"
+    final = kv.envelope()
+    assert final is not None
+    assert stream.done is final.terminal
+    if final.terminal:
+        assert sent[-1] == final.status
+        assert [s for s in sent if Status(s) in TERMINAL] == [final.status]
