@@ -207,6 +207,16 @@ def test_progress_percent(data: dict[str, Any], percent: Any) -> None:
         assert event.data == {**data, "progress_percent": percent}
 
 
+@pytest.mark.parametrize(
+    ("stored", "alias"),
+    [pytest.param(s, a, id=f"{s}->{a}") for s in ORDER for a in ALIASES],
+)
+def test_aliases_follow_the_running_column(stored: Status, alias: str) -> None:
+    outcome = apply_event(envelope(stored), status_event(alias, {"k": 1}), later(1))
+    assert outcome == apply_event(envelope(stored), StatusEvent(status=R, data={"k": 1}), later(1))
+    assert isinstance(outcome, Applied) is (EXPECTED[(stored, R)] is not Rule.IGNORED)
+
+
 def test_succeeded_with_progress_one_stores_100() -> None:
     event = status_event("succeeded", {"progress": 1.0, "result": "ok"})
     outcome = apply_event(envelope(R, {"actor": "echo", "progress_percent": 50}), event, later(1))

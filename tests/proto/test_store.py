@@ -548,16 +548,18 @@ def test_update_gives_up_after_max_attempts() -> None:
 @pytest.mark.parametrize(
     ("fail_on", "status", "body", "raised"),
     [
-        ("GET", 503, b"down", ServiceError),
-        ("GET", 500, b"down", ServiceError),
-        ("GET", 200, b"<html>", StoreProtocolError),
-        ("GET", 200, b'{"key": "x"}', StoreProtocolError),
-        ("GET", 400, b"bad", StoreProtocolError),
-        ("PUT", 503, b"down", ServiceError),
-        ("PUT", 400, b"bad JSON", StoreProtocolError),
-        ("PUT", 404, b"", StoreProtocolError),
+        pytest.param(*case, id=f"{case[0]}-{case[1]}-{case[3].__name__}")
+        for case in [
+            ("GET", 503, b"down", ServiceError),
+            ("GET", 500, b"down", ServiceError),
+            ("GET", 200, b"<html>", StoreProtocolError),
+            ("GET", 200, b'{"key": "x"}', StoreProtocolError),
+            ("GET", 400, b"bad", StoreProtocolError),
+            ("PUT", 503, b"down", ServiceError),
+            ("PUT", 400, b"bad JSON", StoreProtocolError),
+            ("PUT", 404, b"", StoreProtocolError),
+        ]
     ],
-    ids=lambda v: str(v) if isinstance(v, int | str) else None,
 )
 def test_update_failures(fail_on: str, status: int, body: bytes, raised: type[Exception]) -> None:
     kv = seeded(Status.RUNNING)
