@@ -9,6 +9,10 @@
 - `open_proxy(target_port)` runs a TCP proxy on 127.0.0.1 between a client and the broker that
   can `cut()` every connection and refuse new ones, `restore()`, or `swallow()` everything the
   broker sends (the client's frames still reach the broker).
+- `open_fake_broker(script)` is the server side of the AMQP handshake on 127.0.0.1, after which
+  a test's script plays the broker frame by frame. It is only for what the real broker cannot
+  be made to do without disturbing everyone else using it (a memory alarm that blocks
+  publishers, a forced close), and for exact ack/return/nack sequences.
 
 The broker is `ASYA_TEST_RABBITMQ_URL`, by default `amqp://guest:guest@127.0.0.1:5672/`.
 """
@@ -17,8 +21,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Literal, TypeVar
 
 import attrs
@@ -34,7 +39,7 @@ from mesh_trio._amqp import AmqpUrl, _FrameParser, _open_amqp
 
 RABBITMQ_URL = os.environ.get("ASYA_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-_M = TypeVar("_M", bound=MethodFrame)
+_M = TypeVar("_M", bound=MethodFrame | ContentHeader | ContentBody)
 
 
 class AmqpChannelError(Exception):
@@ -184,16 +189,14 @@ class AmqpAdmin:
                 )
 
     async def drain(self, queue: str) -> list[Delivery]:
-        """Take every message waiting on `queue`."""
-        messages = []
-        while (message := await self.get(queue)) is not None:
-            messages.append(message)
-        return messages
+        """Take every message waiting on `queue` (for a queue nobody publishes to any more)."""
+        count = await self.declare_queue(queue, passive=True)
+        return await self.consume(queue, count) if count else []
 
     async def consume(self, queue: str, count: int) -> list[Delivery]:
         """Wait for `count` messages on `queue` (bound it with a trio timeout).
 
-        After a timeout the admin may be mid-frame: close it.
+        Acknowledged on delivery. After a timeout the admin may be mid-frame: close it.
         """
         ok = await self._call(
             commands.Basic.Consume(queue=queue, no_ack=True), commands.Basic.ConsumeOk
@@ -342,6 +345,119 @@ async def open_proxy(
         await nursery.start(proxy.run)
         try:
             yield proxy
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
+
+
+@attrs.define(eq=False)
+class FakePeer:
+    """The broker's end of one connection to `open_fake_broker`; `index` counts from 0."""
+
+    index: int
+    _stream: trio.SocketStream
+    _parser: _FrameParser = attrs.field(factory=_FrameParser)
+    _backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = attrs.field(factory=deque)
+    _tags: dict[int, int] = attrs.field(factory=dict)
+
+    async def send(self, channel: int, *frames: pamqp_frame.FrameTypes) -> None:
+        await self._stream.send_all(b"".join(pamqp_frame.marshal(f, channel) for f in frames))
+
+    async def receive(self) -> tuple[int, pamqp_frame.FrameTypes]:
+        """The next frame from the client, heartbeats left out."""
+        while True:
+            while not self._backlog:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    raise ConnectionError("the client closed the connection")
+                if data.startswith(b"AMQP"):
+                    data = data[8:]  # the protocol header
+                self._backlog.extend(self._parser.feed(data))
+            channel, frame = self._backlog.popleft()
+            if not isinstance(frame, Heartbeat):
+                return channel, frame
+
+    async def expect(self, expected: type[_M]) -> tuple[int, _M]:
+        channel, frame = await self.receive()
+        assert isinstance(frame, expected), f"expected {expected.name}, got {frame.name}"
+        return channel, frame
+
+    async def handshake(self, *, channel_max: int = 2047, heartbeat: int = 60) -> None:
+        """Start, Tune and Open as RabbitMQ answers them."""
+        await self.send(0, commands.Connection.Start(server_properties={"product": "fake"}))
+        await self.expect(commands.Connection.StartOk)
+        tune = commands.Connection.Tune(
+            channel_max=channel_max, frame_max=131072, heartbeat=heartbeat
+        )
+        await self.send(0, tune)
+        await self.expect(commands.Connection.TuneOk)
+        await self.expect(commands.Connection.Open)
+        await self.send(0, commands.Connection.OpenOk())
+
+    async def open_channels(self, count: int) -> None:
+        """Answer `count` Channel.Open + Confirm.Select pairs."""
+        for _ in range(count):
+            channel, _ = await self.expect(commands.Channel.Open)
+            await self.send(channel, commands.Channel.OpenOk())
+            channel, _ = await self.expect(commands.Confirm.Select)
+            await self.send(channel, commands.Confirm.SelectOk())
+
+    async def receive_publish(self) -> Published:
+        """One publish: the method, its content header and body frames."""
+        channel, publish = await self.expect(commands.Basic.Publish)
+        _, header = await self.expect(ContentHeader)
+        body = b""
+        while len(body) < header.body_size:
+            _, chunk = await self.expect(ContentBody)
+            body += chunk.value
+        tag = self._tags[channel] = self._tags.get(channel, 0) + 1
+        return Published(channel=channel, tag=tag, method=publish, body=body)
+
+    async def ack(self, published: Published) -> None:
+        """Confirm one publish."""
+        await self.send(published.channel, commands.Basic.Ack(delivery_tag=published.tag))
+
+
+@attrs.frozen(kw_only=True)
+class Published:
+    """A publish as the fake broker received it, with its delivery tag on its channel."""
+
+    channel: int
+    tag: int
+    method: commands.Basic.Publish
+    body: bytes
+
+
+@asynccontextmanager
+async def open_fake_broker(
+    script: Callable[[FakePeer], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """Serve `script` for every connection on a fresh 127.0.0.1 port; yields the AMQP URL.
+
+    A script's end (or a `ConnectionError` from the client leaving) closes its connection.
+    """
+    accepted = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        peer = FakePeer(index=accepted, stream=stream)
+        accepted += 1
+        try:
+            await script(peer)
+        except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    body_error: BaseException | None = None  # re-raised as itself, not in an ExceptionGroup
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield f"amqp://guest:guest@127.0.0.1:{port}/"
         except BaseException as exc:
             body_error = exc
         finally:

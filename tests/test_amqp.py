@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from pamqp import commands
 from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
@@ -33,7 +34,15 @@ from mesh_trio._amqp import (
     open_rabbitmq_dispatcher,
 )
 from mesh_trio._dispatch import ActorNotFound, DispatchUnavailable
-from tests.amqp_helpers import RABBITMQ_URL, AmqpAdmin, consume_one, open_admin, open_proxy
+from tests.amqp_helpers import (
+    RABBITMQ_URL,
+    AmqpAdmin,
+    FakePeer,
+    consume_one,
+    open_admin,
+    open_fake_broker,
+    open_proxy,
+)
 
 rabbitmq = pytest.mark.rabbitmq
 
@@ -192,6 +201,120 @@ async def test_bad_settings_are_refused_before_connecting(
     with pytest.raises(ValueError):
         async with open_rabbitmq_dispatcher(url, exchange, **settings):
             pass
+
+
+# -- against a scripted broker (what the real one cannot be made to do harmlessly) -----------
+
+
+async def test_acks_returns_and_nacks_settle_the_right_sends() -> None:
+    async def script(peer: FakePeer) -> None:
+        await peer.handshake()
+        await peer.open_channels(1)
+        published = [await peer.receive_publish() for _ in range(5)]
+        assert [p.tag for p in published] == [1, 2, 3, 4, 5]
+        assert all(p.channel == 1 and p.method.mandatory for p in published)
+        # The third message was unroutable: its return comes first, then one ack up to it.
+        await peer.send(
+            1,
+            commands.Basic.Return(312, "NO_ROUTE", "", published[2].method.routing_key),
+            ContentHeader(body_size=2),
+            ContentBody(b"{}"),
+            commands.Basic.Ack(delivery_tag=3, multiple=True),
+            commands.Basic.Nack(delivery_tag=5, multiple=True),
+        )
+        await peer.receive()  # until the client leaves
+
+    outcome: dict[str, str] = {}
+
+    async def one(dispatcher: RabbitDispatcher, queue: str) -> None:
+        try:
+            await dispatcher.send(queue, b"{}")
+            outcome[queue] = "ok"
+        except ActorNotFound:
+            outcome[queue] = "not found"
+        except DispatchUnavailable as exc:
+            outcome[queue] = "nacked" if "nack" in str(exc) else str(exc)
+
+    with trio.fail_after(5):
+        async with open_fake_broker(script) as url, _dispatcher(url, channels=1) as dispatcher:
+            async with trio.open_nursery() as nursery:
+                for n in range(5):
+                    nursery.start_soon(one, dispatcher, f"asya-ns-a{n}")
+                    await trio.testing.wait_all_tasks_blocked()  # publish in this order
+            stats = dispatcher.statistics()
+    assert outcome == {
+        "asya-ns-a0": "ok",
+        "asya-ns-a1": "ok",
+        "asya-ns-a2": "not found",
+        "asya-ns-a3": "nacked",
+        "asya-ns-a4": "nacked",
+    }
+    assert (stats.confirmed, stats.returned, stats.nacked, stats.in_flight) == (2, 1, 2, 0)
+
+
+async def test_a_blocked_broker_fails_sends_fast_until_unblocked() -> None:
+    unblock = trio.Event()
+
+    async def script(peer: FakePeer) -> None:
+        await peer.handshake()
+        await peer.open_channels(4)
+        first = await peer.receive_publish()
+        # Blocked before the ack, so the client knows it when its first send returns.
+        await peer.send(0, commands.Connection.Blocked("low on memory"))
+        await peer.ack(first)
+        await unblock.wait()
+        await peer.send(0, commands.Connection.Unblocked())
+        await peer.ack(await peer.receive_publish())
+        await peer.receive()
+
+    with trio.fail_after(5):
+        async with open_fake_broker(script) as url, _dispatcher(url) as dispatcher:
+            await dispatcher.send("asya-ns-a", b"{}")
+            before = trio.current_time()
+            with pytest.raises(DispatchUnavailable, match="blocked publishing: low on memory"):
+                await dispatcher.send("asya-ns-a", b"{}")
+            assert trio.current_time() - before < 0.1
+            unblock.set()
+            await trio.testing.wait_all_tasks_blocked()
+            await dispatcher.send("asya-ns-a", b"{}")
+
+
+async def test_a_broker_closing_the_connection_fails_in_flight_sends_then_reconnect() -> None:
+    async def script(peer: FakePeer) -> None:
+        await peer.handshake()
+        await peer.open_channels(4)
+        published = await peer.receive_publish()
+        if peer.index == 0:
+            await peer.send(
+                0,
+                commands.Connection.Close(
+                    320, "CONNECTION_FORCED - broker forced connection closure", 0, 0
+                ),
+            )
+            await peer.expect(commands.Connection.CloseOk)
+            return
+        await peer.ack(published)
+        await peer.receive()
+
+    with trio.fail_after(5):
+        async with open_fake_broker(script) as url, _dispatcher(url) as dispatcher:
+            with pytest.raises(DispatchUnavailable, match="CONNECTION_FORCED"):
+                await dispatcher.send("asya-ns-a", b"{}")
+            await dispatcher.wait_connected()
+            await dispatcher.send("asya-ns-a", b"{}")
+            stats = dispatcher.statistics()
+    assert (stats.lost, stats.confirmed, stats.reconnects) == (1, 1, 1)
+
+
+async def test_a_broker_with_too_few_channels_is_refused() -> None:
+    async def script(peer: FakePeer) -> None:
+        await peer.handshake(channel_max=2)
+        await peer.receive()
+
+    with trio.fail_after(5):
+        async with open_fake_broker(script) as url, _dispatcher(url, channels=4) as dispatcher:
+            with pytest.raises(DispatchUnavailable, match="only 2 channels"):
+                await dispatcher.send("asya-ns-a", b"{}")
 
 
 # -- against the broker --------------------------------------------------------------------
