@@ -178,11 +178,13 @@ def read_rows(reply: StoreReply) -> tuple[list[Envelope], int | None]:
     return envelopes, total if type(total) is int else None
 
 
-Procedure = Generator[StoreRequest, StoreReply, Any]
-
-
 def create_envelope(envelope: Envelope) -> Generator[StoreRequest, StoreReply, None]:
-    """Store a new envelope."""
+    """Store a new envelope (an unconditional PUT).
+
+    Raises:
+        ServiceError: the state proxy is unavailable.
+        StoreProtocolError: it refused the write or answered outside the protocol.
+    """
     reply = yield put_request(envelope_key(envelope.id), envelope.to_value())
     if not check_write(reply):
         raise StoreProtocolError("state proxy refused an unconditional put")
@@ -194,7 +196,9 @@ def update_status(
     """The conditional update. Returns the outcome, or None if the envelope does not exist.
 
     Raises:
-        ServiceError: MAX_ATTEMPTS writes in a row lost their race (the store is thrashing).
+        ServiceError: the state proxy is unavailable, or MAX_ATTEMPTS writes in a row lost
+            their race (the envelope is changing too fast).
+        StoreProtocolError: the state proxy answered outside the protocol.
     """
     key = envelope_key(envelope_id)
     for _ in range(MAX_ATTEMPTS):
