@@ -6,8 +6,8 @@
 # request split over many reads is reassembled; a client EOF between requests ends the
 # connection quietly, an EOF or garbage mid-request gets a 400 if a reply can still be sent.
 # A body over the limit is answered 413 as soon as it is known (from Content-Length, or while a
-# chunked body streams in) and the connection is then closed, since the rest of that body is
-# never read.
+# chunked body streams in); the connection then ends with a bounded lingering close, since the
+# rest of that body is never parsed.
 #
 # Shutdown is a drain: `begin_drain` stops accepting, closes connections that are idle between
 # requests, and lets each busy one finish its current request, answered with
@@ -30,6 +30,8 @@ logger = logging.getLogger("mesh_trio.stateproxy")
 
 _READ_SIZE = 64 * 1024
 _MAX_HEAD = 64 * 1024
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 64 * 1024 * 1024
 # accept() errors that mean "out of resources now", not "the listener is broken".
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -219,10 +221,23 @@ class HttpServer:
                 raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
 
     async def _refuse(self, conn: _Connection, status: int, message: str) -> None:
-        """Answer an unreadable request if a response can still be sent; the connection ends."""
+        """Answer an unreadable request if a response can still be sent; the connection ends.
+
+        The client may still be sending (a body over the limit): we stop writing and discard
+        what it sends for a bounded time, so it can finish its write and read our answer
+        instead of failing with a broken pipe ("lingering close").
+        """
         if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             response = Response(status=status, body=error_body(message))
             await self._send(conn, response, head=False, close=True)
+        with trio.move_on_after(_LINGER_SECONDS):
+            await conn.stream.send_eof()
+            discarded = 0
+            while discarded < _LINGER_BYTES:
+                data = await conn.stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                discarded += len(data)
 
     async def _send(
         self, conn: _Connection, response: Response, *, head: bool, close: bool

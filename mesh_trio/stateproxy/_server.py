@@ -33,10 +33,14 @@ from ._store import Database, KvStore
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
-#: Largest request body accepted; larger ones are answered 413.
+#: Largest request body accepted by default (as the Go proxy); larger ones are answered 413.
+#: A mesh API create body near its own 10 MiB limit becomes a slightly larger stored envelope:
+#: whoever needs such envelopes raises `max_body` (see docs/stateproxy.md, "Limits").
 MAX_BODY = 10 * 1024 * 1024
 #: Connections to PostgreSQL kept by default.
 DEFAULT_POOL_SIZE = 10
+#: Longest wait for one statement by default, in seconds.
+DEFAULT_PG_TIMEOUT = 30.0
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _KEYS = b"/keys/"
@@ -142,6 +146,8 @@ async def serve_state_proxy(
     *,
     indexes: Sequence[str] = (),
     pool_size: int = DEFAULT_POOL_SIZE,
+    pg_timeout: float = DEFAULT_PG_TIMEOUT,
+    max_body: int = MAX_BODY,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     grace_period: float = 10.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -159,6 +165,9 @@ async def serve_state_proxy(
             ``...?options=-csearch_path%3Dmy_schema``.
         indexes: fields of the stored value to give an expression index (see docs/stateproxy.md).
         pool_size: most PostgreSQL connections (and statements in flight) at once.
+        pg_timeout: longest wait for PostgreSQL to answer one statement (also set as its
+            server-side ``statement_timeout``); connecting waits at most 5 s or this, if less.
+        max_body: largest request body in bytes; larger ones are answered 413.
         shutdown_trigger: awaited after start; when it returns the proxy drains and stops.
         grace_period: longest drain, in seconds.
         task_status: for ``nursery.start``.
@@ -170,8 +179,15 @@ async def serve_state_proxy(
     """
     fields = check_indexes(indexes)
     check_pg_url(pg_url)
-    pool = PgPool(pg_url, max_size=pool_size)
-    await _serve(socket_path, pool, fields, shutdown_trigger, grace_period, task_status)
+    pool = PgPool(
+        pg_url,
+        max_size=pool_size,
+        connect_timeout=min(5.0, pg_timeout),
+        statement_timeout=pg_timeout,
+    )
+    await _serve(
+        socket_path, pool, fields, shutdown_trigger, grace_period, task_status, max_body=max_body
+    )
 
 
 async def _serve(
@@ -181,6 +197,8 @@ async def _serve(
     shutdown_trigger: Callable[[], Awaitable[object]] | None,
     grace_period: float,
     task_status: trio.TaskStatus[None],
+    *,
+    max_body: int = MAX_BODY,
 ) -> None:
     """`serve_state_proxy` over any `Database` (the benchmark plugs in other drivers)."""
     where = db.describe() if isinstance(db, PgPool) else type(db).__name__
@@ -191,7 +209,7 @@ async def _serve(
         except StoreUnavailable as exc:
             raise StartupError("pg_url", f"cannot use PostgreSQL at {where}: {exc}") from None
         listener, inode = await _listen(socket_path)
-        server = HttpServer(Router(store).handle, MAX_BODY)
+        server = HttpServer(Router(store).handle, max_body)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listener)

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import quote
 
 import attrs
@@ -231,3 +231,29 @@ async def client(proxy: str) -> AsyncIterator[HttpClient]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[Callable[[str], HttpClient]]:
+    """Makes more clients (each its own connection); all are closed at teardown."""
+    made: list[HttpClient] = []
+
+    def make(socket_path: str) -> HttpClient:
+        made.append(HttpClient(socket_path))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+@pytest.fixture
+def raw() -> object:
+    """`raw_exchange`: write bytes in pieces, read every response until the server closes."""
+    return raw_exchange
+
+
+@pytest.fixture
+def path_of() -> object:
+    """`key_path`: the percent-encoded path of a key."""
+    return key_path
