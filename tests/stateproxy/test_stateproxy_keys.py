@@ -322,7 +322,7 @@ async def test_the_body_limit_can_be_raised_or_lowered(nursery, socket_path, pg_
         )
     )
     client = make_client(socket_path)
-    fits = json.dumps({"s": "x" * 990}).encode()
+    fits = json.dumps({"s": "x" * 991}).encode()
     assert len(fits) == 1000
     assert (await client.request("PUT", "/keys/k", fits)).status == 204
     assert (await client.request("PUT", "/keys/k", fits + b" ")).status == 413
