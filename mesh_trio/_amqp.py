@@ -45,7 +45,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 import trio
-from pamqp import commands
+from pamqp import commands, common
 from pamqp import exceptions as pamqp_exceptions
 from pamqp import frame as pamqp_frame
 from pamqp.base import Frame as MethodFrame
@@ -110,12 +110,15 @@ class AmqpUrl:
             raise ValueError(f"not an amqp:// URL: {parts.scheme or '(no scheme)'}://...")
         port = parts.port  # raises ValueError for a port out of range or not a number
         path = parts.path
+        vhost = "/" if path in ("", "/") else unquote(path[1:])
+        if len(vhost) > 127:
+            raise ValueError("the vhost name is longer than AMQP allows (127)")
         return cls(
             host=parts.hostname or "localhost",
             port=port if port is not None else 5672,
             username=unquote(parts.username) if parts.username else "guest",
             password=unquote(parts.password) if parts.password is not None else "guest",
-            vhost="/" if path in ("", "/") else unquote(path[1:]),
+            vhost=vhost,
         )
 
     @property
@@ -252,7 +255,7 @@ class _Tuning:
     heartbeat: int
 
 
-def _client_properties() -> dict[str, object]:
+def _client_properties() -> common.FieldTable:
     return {
         "product": "asya-mesh-api (mesh_trio)",
         "platform": f"Python {platform.python_version()} / trio {trio.__version__}",
@@ -269,6 +272,14 @@ def _client_properties() -> dict[str, object]:
 
 def _close_reason(frame: commands.Connection.Close | commands.Channel.Close) -> str:
     return f"{frame.reply_code} {frame.reply_text}"
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """The first underlying error of trio's "all attempts to connect ... failed"."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return str(cause.exceptions[0])
+    return str(exc)
 
 
 def _negotiate(server: int, ours: int) -> int:
@@ -342,7 +353,7 @@ async def _open_amqp(
             if "PLAIN" not in str(mechanisms).split():
                 raise _ConnectionFault(f"RabbitMQ does not offer PLAIN login ({mechanisms})")
             start_ok = commands.Connection.StartOk(
-                client_properties=_client_properties(),  # type: ignore[arg-type]
+                client_properties=_client_properties(),
                 mechanism="PLAIN",
                 response=f"\0{url.username}\0{url.password}",
             )
@@ -377,12 +388,12 @@ async def _open_amqp(
             await trio.aclose_forcefully(stream)
         if isinstance(exc, trio.TooSlowError):
             raise _ConnectionFault(
-                f"no AMQP handshake with {url.display} within {connect_timeout:g}s"
+                f"no AMQP handshake within {connect_timeout:g}s (connect_timeout)"
             ) from None
         if isinstance(exc, OSError):
-            raise _ConnectionFault(f"cannot connect to {url.display}: {exc}") from None
+            raise _ConnectionFault(f"TCP connect failed: {_describe_os_error(exc)}") from None
         if isinstance(exc, trio.BrokenResourceError):
-            raise _ConnectionFault(f"connection to {url.display} broke: {exc}") from None
+            raise _ConnectionFault(f"the connection broke during the handshake: {exc}") from None
         raise
 
 
@@ -527,7 +538,9 @@ class _Connection:
         """
         while True:
             if not self.usable:
-                raise DispatchUnavailable(f"RabbitMQ connection lost: {self.close_reason}")
+                raise DispatchUnavailable(
+                    f"RabbitMQ connection lost: {self.close_reason or 'the dispatcher is closing'}"
+                )
             if self.blocked is not None:
                 raise DispatchUnavailable(f"RabbitMQ blocked publishing: {self.blocked}")
             channel = self._pick_channel()
@@ -902,7 +915,9 @@ class RabbitDispatcher:
                     f"RabbitMQ connection to {self._url.display} lost: {reason}; reconnecting"
                 )
             else:
-                self._faults.note(f"cannot connect to RabbitMQ: {reason}; retrying")
+                self._faults.note(
+                    f"cannot connect to RabbitMQ at {self._url.display}: {reason}; retrying"
+                )
         self._first_attempt.set()
         self._notify()
 
@@ -910,40 +925,17 @@ class RabbitDispatcher:
         delay = self._backoff_min
         while not self._closing:
             was_up = False
+
+            def ready(conn: _Connection) -> None:
+                nonlocal was_up
+                was_up = True
+                self._mark_up(conn)
+
             try:
-                stream, parser, tuning = await _open_amqp(
-                    self._url,
-                    heartbeat=self._heartbeat,
-                    connect_timeout=self._connect_timeout,
-                    channels=self._channels,
-                )
-            except _ConnectionFault as fault:
-                reason = fault.reason
-            else:
-                conn = _Connection(
-                    stream=stream,
-                    parser=parser,
-                    tuning=tuning,
-                    url=self._url,
-                    exchange=self._exchange,
-                    counters=self._counters,
-                    faults=self._faults,
-                    rpc_timeout=self._connect_timeout,
-                    channel_count=self._channels,
-                    capacity=self._capacity,
-                )
-
-                def ready(conn: _Connection = conn) -> None:
-                    nonlocal was_up
-                    was_up = True
-                    self._mark_up(conn)
-
-                try:
-                    await conn.run(ready)
-                except Exception as exc:  # a bug of ours: log it, keep the service alive
-                    logger.exception("RabbitMQ connection task failed")
-                    conn.die(f"internal error: {exc!r}")
-                reason = conn.close_reason or "connection closed"
+                reason = await self._connect_and_run(ready)
+            except Exception as exc:  # a bug of ours: log it, keep the service alive
+                logger.exception("RabbitMQ connection task failed")
+                reason = f"internal error: {exc!r}"
             if self._closing:
                 break
             self._mark_down(reason, was_up=was_up)
@@ -951,6 +943,35 @@ class RabbitDispatcher:
                 delay = self._backoff_min
             await trio.sleep(delay)
             delay = min(delay * 2, self._backoff_max)
+
+    async def _connect_and_run(self, ready: Callable[[_Connection], None]) -> str:
+        """One connection from connect to death; returns why it ended (or never started)."""
+        try:
+            stream, parser, tuning = await _open_amqp(
+                self._url,
+                heartbeat=self._heartbeat,
+                connect_timeout=self._connect_timeout,
+                channels=self._channels,
+            )
+        except _ConnectionFault as fault:
+            return fault.reason
+        conn = _Connection(
+            stream=stream,
+            parser=parser,
+            tuning=tuning,
+            url=self._url,
+            exchange=self._exchange,
+            counters=self._counters,
+            faults=self._faults,
+            rpc_timeout=self._connect_timeout,
+            channel_count=self._channels,
+            capacity=self._capacity,
+        )
+        try:
+            await conn.run(lambda: ready(conn))
+        finally:
+            conn.die("connection closed")
+        return conn.close_reason or "connection closed"
 
     async def _close(self) -> None:
         self._closing = True
@@ -1007,6 +1028,10 @@ async def open_rabbitmq_dispatcher(
     commands.Basic.Publish(exchange=exchange)  # validates the exchange name
     if channels < 1 or max_in_flight < 1:
         raise ValueError("channels and max_in_flight must be at least 1")
+    if not 0 < reconnect_backoff[0] <= reconnect_backoff[1]:
+        raise ValueError("reconnect_backoff must be (first, longest) with 0 < first <= longest")
+    if confirm_timeout <= 0 or connect_timeout <= 0 or close_timeout < 0:
+        raise ValueError("timeouts must be positive")
     if not 0 <= heartbeat <= 65535:
         raise ValueError("heartbeat must be between 0 and 65535 seconds")
     dispatcher = RabbitDispatcher(
