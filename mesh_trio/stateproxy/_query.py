@@ -180,6 +180,8 @@ class _Params:
         return f"${len(self.values)}"
 
     def json(self, value: object) -> str:
+        if _has_nul(value):  # jsonb cannot hold \u0000, which is how json.dumps writes it
+            raise BadRequest("strings in a query cannot contain NUL characters")
         return f"{self.text(_dumps(value))}::jsonb"
 
     def array(self, items: Sequence[str], element_type: str) -> str:
@@ -224,9 +226,13 @@ def _operator(params: _Params, field: str, op: str, arg: object) -> str:
                 return "false"
             if all(isinstance(x, str) for x in arg):
                 return f"(jsonb_typeof({j}) = 'string' AND {t} = ANY({params.array(arg, 'text')}))"
+            if _has_nul(arg):
+                raise BadRequest("strings in a query cannot contain NUL characters")
             return f"{j} = ANY({params.array([_dumps(x) for x in arg], 'jsonb')})"
         if not arg:
             return f"{j} IS NOT NULL"
+        if _has_nul(arg):
+            raise BadRequest("strings in a query cannot contain NUL characters")
         listed = params.array([_dumps(x) for x in arg], "jsonb")
         return f"({j} IS NOT NULL AND NOT ({j} = ANY({listed})))"
     if op == "$exists":
@@ -283,6 +289,16 @@ def _non_negative_int(doc: dict[str, object], name: str) -> int:
 
 def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
 
 
 def _no_constant(name: str) -> object:
