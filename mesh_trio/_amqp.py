@@ -4,8 +4,9 @@ How it works, bottom up:
 
 - pamqp is the frame codec only (`pamqp.frame.marshal` / `unmarshal`, `pamqp.commands`);
   everything that moves bytes is ours. `_FrameParser` is sans-IO: bytes in, `(channel, frame)`
-  pairs out. `_open_amqp` opens a `trio.SocketStream` and runs the handshake (protocol header,
-  Start/StartOk with PLAIN, Tune/TuneOk, Open/OpenOk) under one `connect_timeout`.
+  pairs out. `_open_amqp` opens a `trio.SocketStream` (wrapped in a `trio.SSLStream` for
+  `amqps://`) and runs the handshake (protocol header, Start/StartOk with PLAIN, Tune/TuneOk,
+  Open/OpenOk) under one `connect_timeout`.
 - `_Connection` is one live AMQP connection. A writer task owns the send side: callers append
   already-encoded frames to an outgoing list (a synchronous step, so a publish is never half
   written and never interleaved with another one) and the writer flushes the whole list in one
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import ssl
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -73,6 +75,7 @@ _READ_SIZE = 65536
 _REPLY_SUCCESS = 200
 _NO_ROUTE = 312
 _NOT_FOUND = 404
+_PUBLISH_FRAME_CACHE = 4096  # encoded Basic.Publish frames kept per connection
 _PUBLISH_PROPERTIES = commands.Basic.Properties(content_type="application/json", delivery_mode=2)
 # Replies of the synchronous channel methods we send.
 _REPLIES: dict[type[MethodFrame], type[MethodFrame]] = {
@@ -81,12 +84,14 @@ _REPLIES: dict[type[MethodFrame], type[MethodFrame]] = {
 }
 
 _M = TypeVar("_M", bound=MethodFrame)
+_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 @attrs.frozen(kw_only=True)
 class AmqpUrl:
     """Where and as whom to connect: a parsed `amqp://user:pass@host:port/vhost`.
 
+    `amqps://` means TLS (default port 5671), the host name checked against the certificate.
     The vhost is the percent-decoded path without its leading slash (`/%2F` and an empty path
     both mean `/`); user and password are percent-decoded and default to `guest`. The password
     stays out of `repr` and of `display`, which is what logs and error texts show.
@@ -97,17 +102,19 @@ class AmqpUrl:
     username: str = "guest"
     password: str = attrs.field(default="guest", repr=False)
     vhost: str = "/"
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> AmqpUrl:
         """Parse an AMQP URL.
 
         Raises:
-            ValueError: not an `amqp://` URL (TLS `amqps://` is not supported), or a bad port.
+            ValueError: not an `amqp://` or `amqps://` URL, a bad port or too long a vhost.
         """
         parts = urlsplit(url)
-        if parts.scheme != "amqp":
+        if parts.scheme not in ("amqp", "amqps"):
             raise ValueError(f"not an amqp:// URL: {parts.scheme or '(no scheme)'}://...")
+        tls = parts.scheme == "amqps"
         port = parts.port  # raises ValueError for a port out of range or not a number
         path = parts.path
         vhost = "/" if path in ("", "/") else unquote(path[1:])
@@ -115,10 +122,11 @@ class AmqpUrl:
             raise ValueError("the vhost name is longer than AMQP allows (127)")
         return cls(
             host=parts.hostname or "localhost",
-            port=port if port is not None else 5672,
+            port=port if port is not None else (5671 if tls else 5672),
             username=unquote(parts.username) if parts.username else "guest",
             password=unquote(parts.password) if parts.password is not None else "guest",
             vhost=vhost,
+            tls=tls,
         )
 
     @property
@@ -126,7 +134,8 @@ class AmqpUrl:
         """The URL without the password, for logs and error messages."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         vhost = quote(self.vhost, safe="")
-        return f"amqp://{quote(self.username, safe='')}@{host}:{self.port}/{vhost}"
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{quote(self.username, safe='')}@{host}:{self.port}/{vhost}"
 
 
 def actor_routing_key(namespace: str) -> Callable[[str], str]:
@@ -292,7 +301,7 @@ def _negotiate(server: int, ours: int) -> int:
 
 
 async def _read_frame(
-    stream: trio.SocketStream,
+    stream: _Stream,
     parser: _FrameParser,
     backlog: deque[tuple[int, pamqp_frame.FrameTypes]],
 ) -> tuple[int, pamqp_frame.FrameTypes]:
@@ -305,7 +314,7 @@ async def _read_frame(
 
 
 async def _expect_on_zero(
-    stream: trio.SocketStream,
+    stream: _Stream,
     parser: _FrameParser,
     backlog: deque[tuple[int, pamqp_frame.FrameTypes]],
     expected: type[_M],
@@ -328,19 +337,28 @@ async def _expect_on_zero(
 
 
 async def _open_amqp(
-    url: AmqpUrl, *, heartbeat: int, connect_timeout: float, channels: int = 1
-) -> tuple[trio.SocketStream, _FrameParser, _Tuning]:
-    """Connect and run the AMQP handshake, all within `connect_timeout`.
+    url: AmqpUrl,
+    *,
+    heartbeat: int,
+    connect_timeout: float,
+    channels: int = 1,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[_Stream, _FrameParser, _Tuning]:
+    """Connect (TLS for `amqps://`) and run the AMQP handshake, all within `connect_timeout`.
 
     Returns the stream, the parser (it may hold bytes already read) and the negotiated tuning.
 
     Raises:
         _ConnectionFault: the broker is unreachable, refused us, or did not finish in time.
     """
-    stream: trio.SocketStream | None = None
+    stream: _Stream | None = None
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(url.host, url.port)
+            if url.tls:
+                context = ssl_context or ssl.create_default_context()
+                stream = trio.SSLStream(stream, context, server_hostname=url.host)
+                await stream.do_handshake()
             parser = _FrameParser()
             backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = deque()
             await stream.send_all(ProtocolHeader().marshal())
@@ -393,6 +411,8 @@ async def _open_amqp(
         if isinstance(exc, OSError):
             raise _ConnectionFault(f"TCP connect failed: {_describe_os_error(exc)}") from None
         if isinstance(exc, trio.BrokenResourceError):
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise _ConnectionFault(f"TLS handshake failed: {exc.__cause__}") from None
             raise _ConnectionFault(f"the connection broke during the handshake: {exc}") from None
         raise
 
@@ -441,7 +461,7 @@ class _Channel:
 class _Connection:
     """One live AMQP connection and its channels; see the module docstring."""
 
-    stream: trio.SocketStream
+    stream: _Stream
     parser: _FrameParser
     tuning: _Tuning
     url: AmqpUrl
@@ -460,6 +480,7 @@ class _Connection:
     _out: list[bytes] = attrs.field(factory=list)
     _out_ready: trio.Event = attrs.field(factory=trio.Event)
     _room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _publish_frames: dict[tuple[int, str], bytes] = attrs.field(factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -552,14 +573,7 @@ class _Connection:
         channel.next_tag += 1
         number = channel.number
         out = self._out
-        out.append(
-            pamqp_frame.marshal(
-                commands.Basic.Publish(
-                    exchange=self.exchange, routing_key=routing_key, mandatory=True
-                ),
-                number,
-            )
-        )
+        out.append(self._publish_frame(number, routing_key))
         out.append(
             pamqp_frame.marshal(
                 ContentHeader(body_size=len(body), properties=_PUBLISH_PROPERTIES), number
@@ -570,6 +584,19 @@ class _Connection:
             out.append(pamqp_frame.marshal(ContentBody(body[start : start + step]), number))
         self._out_ready.set()
         return pending
+
+    def _publish_frame(self, number: int, routing_key: str) -> bytes:
+        # Encoding a Basic.Publish costs about as much as the rest of a send; actors are few.
+        key = (number, routing_key)
+        encoded = self._publish_frames.get(key)
+        if encoded is None:
+            if len(self._publish_frames) >= _PUBLISH_FRAME_CACHE:
+                self._publish_frames.clear()
+            method = commands.Basic.Publish(
+                exchange=self.exchange, routing_key=routing_key, mandatory=True
+            )
+            encoded = self._publish_frames[key] = pamqp_frame.marshal(method, number)
+        return encoded
 
     def in_flight(self) -> int:
         return sum(len(channel.pending) for channel in self.channels.values())
@@ -790,6 +817,7 @@ class RabbitDispatcher:
     _capacity: int
     _backoff_min: float
     _backoff_max: float
+    _ssl_context: ssl.SSLContext | None
     _counters: _Counters = attrs.field(factory=_Counters)
     _faults: _FaultLog = attrs.field(factory=_FaultLog)
     _conn: _Connection | None = None
@@ -952,6 +980,7 @@ class RabbitDispatcher:
                 heartbeat=self._heartbeat,
                 connect_timeout=self._connect_timeout,
                 channels=self._channels,
+                ssl_context=self._ssl_context,
             )
         except _ConnectionFault as fault:
             return fault.reason
@@ -996,6 +1025,7 @@ async def open_rabbitmq_dispatcher(
     max_in_flight: int = 1024,
     routing_key: Callable[[str], str] | None = None,
     reconnect_backoff: tuple[float, float] = (0.1, 5.0),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[RabbitDispatcher]:
     """Open a RabbitMQ dispatcher whose connection lives in a nursery owned by this block.
 
@@ -1004,7 +1034,8 @@ async def open_rabbitmq_dispatcher(
     background task reconnects. Leaving closes the connection politely within `close_timeout`.
 
     Args:
-        url: `amqp://user:pass@host:port/vhost` (percent-encoded vhost, default `/`).
+        url: `amqp://user:pass@host:port/vhost` (percent-encoded vhost, default `/`), or
+            `amqps://...` for TLS.
         exchange: the exchange to publish to; `""` is RabbitMQ's default exchange, which routes
             by queue name to every queue. It is never declared here: a missing exchange makes
             sends fail with `DispatchUnavailable` naming it.
@@ -1020,6 +1051,8 @@ async def open_rabbitmq_dispatcher(
             itself (right for the default exchange, or an exchange whose bindings use the queue
             names). Use `actor_routing_key(namespace)` for Asya's topic exchange.
         reconnect_backoff: first and longest pause between connection attempts, in seconds.
+        ssl_context: TLS settings for `amqps://` URLs (default: the system's trusted CAs,
+            host name checked).
 
     Raises:
         ValueError: a malformed URL, exchange name or setting.
@@ -1046,6 +1079,7 @@ async def open_rabbitmq_dispatcher(
         capacity=max(1, max_in_flight // channels),
         backoff_min=reconnect_backoff[0],
         backoff_max=reconnect_backoff[1],
+        ssl_context=ssl_context,
     )
     # The body's exception is held and re-raised after the nursery, so that it reaches the
     # caller as itself rather than wrapped in an ExceptionGroup (the background task never

@@ -20,6 +20,8 @@ The broker is `ASYA_TEST_RABBITMQ_URL`, by default `amqp://guest:guest@127.0.0.1
 from __future__ import annotations
 
 import os
+import ssl
+import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -65,7 +67,7 @@ class Delivery:
 class AmqpAdmin:
     """A sequential AMQP client on one channel; see the module docstring."""
 
-    _stream: trio.SocketStream
+    _stream: trio.abc.Stream
     _parser: _FrameParser
     _channel: int = 0
     _backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = attrs.field(factory=deque)
@@ -358,7 +360,7 @@ class FakePeer:
     """The broker's end of one connection to `open_fake_broker`; `index` counts from 0."""
 
     index: int
-    _stream: trio.SocketStream
+    _stream: trio.abc.Stream
     _parser: _FrameParser = attrs.field(factory=_FrameParser)
     _backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = attrs.field(factory=deque)
     _tags: dict[int, int] = attrs.field(factory=dict)
@@ -433,34 +435,61 @@ class Published:
 
 @asynccontextmanager
 async def open_fake_broker(
-    script: Callable[[FakePeer], Awaitable[None]],
+    script: Callable[[FakePeer], Awaitable[None]], *, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[str]:
     """Serve `script` for every connection on a fresh 127.0.0.1 port; yields the AMQP URL.
 
-    A script's end (or a `ConnectionError` from the client leaving) closes its connection.
+    With a server-side `tls` context it listens for TLS and the URL is `amqps://`. A script's
+    end (or a `ConnectionError` from the client leaving) closes its connection.
     """
     accepted = 0
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
         nonlocal accepted
         peer = FakePeer(index=accepted, stream=stream)
         accepted += 1
         try:
             await script(peer)
         except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            pass  # the client left (or, over TLS, refused our certificate)
         finally:
             await trio.aclose_forcefully(stream)
 
     body_error: BaseException | None = None  # re-raised as itself, not in an ExceptionGroup
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+        serve: Callable[..., Awaitable[object]]
+        if tls is None:
+            serve = partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        else:
+            serve = partial(trio.serve_ssl_over_tcp, handle, 0, tls, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        listener = listeners[0]
+        transport = listener.transport_listener if tls is not None else listener
+        port = transport.socket.getsockname()[1]
+        scheme = "amqps" if tls is not None else "amqp"
         try:
-            yield f"amqp://guest:guest@127.0.0.1:{port}/"
+            yield f"{scheme}://guest:guest@127.0.0.1:{port}/"
         except BaseException as exc:
             body_error = exc
         finally:
             nursery.cancel_scope.cancel()
     if body_error is not None:
         raise body_error
+
+
+def self_signed_tls(directory: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 (made by the
+    `openssl` command) and a client context that trusts it."""
+    cert, key = f"{directory}/cert.pem", f"{directory}/key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=cert)

@@ -42,6 +42,7 @@ from tests.amqp_helpers import (
     open_admin,
     open_fake_broker,
     open_proxy,
+    self_signed_tls,
 )
 
 rabbitmq = pytest.mark.rabbitmq
@@ -111,7 +112,9 @@ def test_url_is_parsed_and_decoded() -> None:
             "guest",
             "guest",
         )
-    for bad in ("amqps://h/", "http://h/", "h:5672", "amqp://h:notaport/"):
+    tls = AmqpUrl.parse("amqps://mq.example.com/")
+    assert (tls.tls, tls.port, tls.display) == (True, 5671, "amqps://guest@mq.example.com:5671/%2F")
+    for bad in ("http://h/", "h:5672", "amqp://h:notaport/"):
         with pytest.raises(ValueError):
             AmqpUrl.parse(bad)
 
@@ -190,7 +193,7 @@ async def test_send_after_the_block_is_unavailable() -> None:
     ("url", "exchange", "settings"),
     [
         ("amqp://h/", "no spaces? no!", {}),
-        ("amqps://h/", "", {}),
+        ("http://h/", "", {}),
         ("amqp://h/", "", {"channels": 0}),
         ("amqp://h/", "", {"heartbeat": -1}),
         ("amqp://h/", "", {"reconnect_backoff": (0, 1)}),
@@ -318,6 +321,27 @@ async def test_a_broker_with_too_few_channels_is_refused() -> None:
         async with open_fake_broker(script) as url, _dispatcher(url, channels=4) as dispatcher:
             with pytest.raises(DispatchUnavailable, match="only 2 channels"):
                 await dispatcher.send("asya-ns-a", b"{}")
+
+
+async def test_amqps_speaks_tls_and_checks_the_certificate(tmp_path: Any) -> None:
+    server, trusting = self_signed_tls(str(tmp_path))
+
+    async def script(peer: FakePeer) -> None:
+        await peer.handshake()
+        await peer.open_channels(4)
+        published = await peer.receive_publish()
+        assert published.body == b'{"over": "tls"}'
+        await peer.ack(published)
+        await peer.receive()
+
+    with trio.fail_after(10):
+        async with open_fake_broker(script, tls=server) as url:
+            assert url.startswith("amqps://")
+            async with _dispatcher(url, ssl_context=trusting) as dispatcher:
+                await dispatcher.send("asya-ns-a", b'{"over": "tls"}')
+            async with _dispatcher(url) as dispatcher:  # system CAs: ours is not trusted
+                with pytest.raises(DispatchUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                    await dispatcher.send("asya-ns-a", b"{}")
 
 
 # -- against the broker --------------------------------------------------------------------
