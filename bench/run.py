@@ -1,11 +1,13 @@
 # Benchmark runner: the bare app and the real server, the same scenarios, one table of ratios.
 #
-# For each target it starts a fresh server pinned to core 0 (`taskset -c 0`), waits for
-# `GET /health` on both ports (polled, with a bound), runs `bench/loadgen.py` pinned to core 1
-# (`taskset -c 1`) with the server's pid, and stops the server (SIGTERM, then SIGKILL). The
-# memory scenario gets a server of its own: freed memory is reused by the allocator, so only a
-# fresh process measures what a stream costs. Figures of the real server ("ours") are printed as
-# ratios to the bare app, the HTTP stack's own limit (bench/bare_app.py).
+# Both servers are started up front, each pinned to core 0 (`taskset -c 0`), and declared ready
+# once `GET /health` answers on both ports (polled, with a bound). Then every step (create,
+# events, fanout with 1/100/1000 subscribers, tokens) is run `--runs` times, alternating between
+# the servers run by run, with `bench/loadgen.py` pinned to core 1 (`taskset -c 1`). The server
+# not being measured is paused (SIGSTOP), so it takes no CPU from the one under load. Medians
+# of the runs are reported per server. The memory scenario comes last, on a fresh server per
+# target, because memory freed by earlier streams would be reused. Figures of the real server
+# ("ours") are printed as ratios to the bare app (bench/bare_app.py), the stack's own limit.
 #
 # Servers inherit this process's RLIMIT_NOFILE, raised to the hard limit here, so 5000 streams
 # fit. Ports are free ports on 127.0.0.1 picked at start; nothing else is contacted. Each
@@ -24,12 +26,13 @@ import resource
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import attrs
@@ -78,8 +81,8 @@ def healthy(port: int) -> bool:
 
 
 @contextmanager
-def running(spec: ServerSpec, log: Path, ready_within: float = 20.0) -> Iterator[tuple[int, ...]]:
-    """Start `spec` on two free ports; yield (pid, external, internal) once both are healthy.
+def running(spec: ServerSpec, log: Path, ready_within: float = 20.0) -> Iterator[Server]:
+    """Start `spec` on two free ports; yield it once both ports answer `GET /health`.
 
     Raises RuntimeError (with the log's tail) if it exits or is not healthy in time.
     """
@@ -96,9 +99,10 @@ def running(spec: ServerSpec, log: Path, ready_within: float = 20.0) -> Iterator
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{spec.name} did not become healthy:\n{tail}")
             time.sleep(0.1)
-        yield proc.pid, external, internal
+        yield Server(spec.name, proc.pid, external, internal)
     finally:
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
@@ -107,22 +111,35 @@ def running(spec: ServerSpec, log: Path, ready_within: float = 20.0) -> Iterator
                 proc.wait()
 
 
-def loadgen(
-    pid: int, external: int, internal: int, scenarios: str, extra: list[str], timeout: float
-) -> Results:
-    out = RESULTS / f"loadgen-{pid}.json"
+@attrs.define
+class Server:
+    """A started server: its pid and ports. `pause`/`resume` are SIGSTOP/SIGCONT."""
+
+    name: str
+    pid: int
+    external: int
+    internal: int
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+def loadgen(server: Server, args: list[str], timeout: float) -> Results:
+    out = RESULTS / f"loadgen-{server.pid}.json"
     argv = [
         "taskset",
         "-c",
         "1",
         PYTHON,
         str(BENCH / "loadgen.py"),
-        f"--external-port={external}",
-        f"--internal-port={internal}",
-        f"--server-pid={pid}",
-        f"--scenarios={scenarios}",
+        f"--external-port={server.external}",
+        f"--internal-port={server.internal}",
+        f"--server-pid={server.pid}",
         f"--json={out}",
-        *extra,
+        *args,
     ]
     subprocess.run(argv, cwd=ROOT, check=True, timeout=timeout)
     results: Results = json.loads(out.read_text())["results"]
@@ -130,25 +147,78 @@ def loadgen(
     return results
 
 
-def bench_target(spec: ServerSpec, args: argparse.Namespace, deadline: float) -> Results:
-    log = RESULTS / f"{spec.name}.log"
-    log.write_text("")
-    extra = ["--quick"] if args.quick else []
-    extra += args.loadgen_arg
-    results: Results = {}
-    groups = [g for g in (args.scenarios, "memory" if args.memory else "") if g]
-    for scenarios in groups:
-        left = deadline - time.monotonic()
-        if left < 20:
-            print(f"[{spec.name}] skipping {scenarios}: run budget spent", flush=True)
-            continue
-        print(f"[{spec.name}] {scenarios}", flush=True)
-        try:
-            with running(spec, log) as (pid, external, internal):
-                results.update(loadgen(pid, external, internal, scenarios, extra, timeout=left))
-        except (RuntimeError, subprocess.SubprocessError) as exc:
-            print(f"[{spec.name}] {scenarios} failed: {exc}", flush=True)
-    return results
+def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(figure group, loadgen arguments) for every measured step but memory."""
+    out = []
+    for name in args.scenarios.split(","):
+        if name == "fanout":
+            for n in args.subscribers.split(","):
+                out.append((f"fanout_{n}", ["--scenarios=fanout", f"--subscribers={n}"]))
+        elif name:
+            out.append((name, [f"--scenarios={name}"]))
+    return out
+
+
+def median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
+
+
+def bench_interleaved(
+    specs: list[ServerSpec], args: argparse.Namespace, deadline: float
+) -> dict[str, Results]:
+    """Every step, run by run, against each server in turn (A B A B ...), the others paused.
+
+    On a machine shared with other work, load comes and goes; taking the runs of the servers
+    alternately exposes them to the same conditions, so their ratio holds better than their
+    absolute figures. A paused server (SIGSTOP) takes no CPU from the one being measured.
+    """
+    extra = ["--runs=1", *(["--quick"] if args.quick else []), *args.loadgen_arg]
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {spec.name: {} for spec in specs}
+    with ExitStack() as stack:
+        servers: list[Server] = []
+        for spec in specs:
+            try:
+                servers.append(stack.enter_context(running(spec, RESULTS / f"{spec.name}.log")))
+            except RuntimeError as exc:
+                print(f"[{spec.name}] not benchmarked: {exc}", flush=True)
+        for server in servers:
+            server.pause()
+        for step, step_args in steps(args):
+            for run in range(args.runs):
+                for server in servers:
+                    left = deadline - time.monotonic()
+                    if left < 10:
+                        print(f"[{server.name}] {step}: skipped, run budget spent", flush=True)
+                        continue
+                    print(f"[{server.name}] {step} run {run + 1}/{args.runs}", flush=True)
+                    server.resume()
+                    try:
+                        figures = loadgen(server, [*step_args, *extra], timeout=left)
+                        runs[server.name].setdefault(step, []).extend(figures.values())
+                    except subprocess.SubprocessError as exc:
+                        print(f"[{server.name}] {step} failed: {exc}", flush=True)
+                    finally:
+                        server.pause()
+    return {
+        name: {step: median(figures) for step, figures in by_step.items()}
+        for name, by_step in runs.items()
+    }
+
+
+def bench_memory(spec: ServerSpec, args: argparse.Namespace, deadline: float) -> Results:
+    """The memory scenario on a fresh server: memory freed by earlier streams would be reused."""
+    left = deadline - time.monotonic()
+    if left < 10:
+        print(f"[{spec.name}] memory: skipped, run budget spent", flush=True)
+        return {}
+    print(f"[{spec.name}] memory", flush=True)
+    extra = [*(["--quick"] if args.quick else []), *args.loadgen_arg]
+    try:
+        with running(spec, RESULTS / f"{spec.name}.log") as server:
+            return loadgen(server, ["--scenarios=memory", *extra], timeout=left)
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"[{spec.name}] memory failed: {exc}", flush=True)
+        return {}
 
 
 # (scenario, figure, label, higher is better)
@@ -215,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ours-env", action="append", default=[], help="KEY=VALUE for the real server"
     )
     parser.add_argument("--scenarios", default="create,events,fanout,tokens")
+    parser.add_argument("--subscribers", help="fan-out subscriber counts (default 1,100,1000)")
+    parser.add_argument("--runs", type=int, help="runs per step and server (default 3)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument(
         "--loadgen-arg", action="append", default=[], help="passed to loadgen.py as is"
@@ -226,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.subscribers = args.subscribers or ("1,100" if args.quick else "1,100,1000")
+    args.runs = args.runs or (1 if args.quick else 3)
     deadline = time.monotonic() + args.budget
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -246,12 +320,16 @@ def main(argv: list[str] | None = None) -> None:
             dict(item.split("=", 1) for item in args.ours_env),
         ),
     }
-    all_results: dict[str, Results] = {}
-    targets = args.targets.split(",")
-    for index, name in enumerate(targets):
-        # Each target gets an equal share of what is left, so a slow one cannot starve the next.
-        share = (deadline - time.monotonic()) / (len(targets) - index)
-        all_results[name] = bench_target(specs[name], args, time.monotonic() + share)
+    chosen = [specs[name] for name in args.targets.split(",")]
+    for spec in chosen:
+        (RESULTS / f"{spec.name}.log").write_text("")
+    # The memory scenario comes last and gets a reserve, so slow steps cannot crowd it out.
+    reserve = (15.0 if args.quick else 45.0) * len(chosen) if args.memory else 0.0
+    all_results = bench_interleaved(chosen, args, deadline - reserve)
+    if args.memory:
+        for index, spec in enumerate(chosen):
+            share = (deadline - time.monotonic()) / (len(chosen) - index)
+            all_results[spec.name].update(bench_memory(spec, args, time.monotonic() + share))
     Path(args.out).write_text(json.dumps(all_results, indent=2))
     print()
     print(table(all_results))
