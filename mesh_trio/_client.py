@@ -91,6 +91,7 @@ class HttpPool:
     size: int = 16
     timeout: float = 5.0
     _idle: list[_Connection] = attrs.field(factory=list)
+    _closed: bool = False
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -111,50 +112,38 @@ class HttpPool:
             ExchangeError: failed or timed out after sending began (it may have been applied).
         """
         all_headers = [("host", self.host), ("content-length", str(len(body))), *headers]
+        if self._closed:
+            raise ConnectError("connection pool closed")
         async with self._limiter:
-            conn = self._idle.pop() if self._idle else None
-            fresh = conn is None
             with trio.move_on_after(self.timeout) as scope:
-                if conn is None:
+                if self._idle:
+                    conn = self._idle.pop()
                     try:
-                        conn = _Connection(await self.opener())
-                    except OSError as exc:
-                        raise ConnectError(str(exc) or type(exc).__name__) from None
+                        return await self._exchange(conn, method, target, all_headers, body)
+                    except ExchangeError:
+                        # The other idle connections most likely died with this one.
+                        await self._drop_idle()
+                        if not (method in _SAFE and _stale_keepalive(conn)):
+                            raise
+                        # A read on a keep-alive connection the peer had closed: retry once on
+                        # a fresh one. Writes are never retried: the peer may have applied them.
                 try:
-                    reply = await conn.exchange(method, target, all_headers, body)
-                except (
-                    OSError,
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    h11.ProtocolError,
-                ) as exc:
-                    await trio.aclose_forcefully(conn.stream)
-                    # The other idle connections most likely died with this one (peer restart).
-                    await self.aclose()
-                    if not fresh and method in _SAFE and _stale_keepalive(conn):
-                        # A read on a keep-alive connection the peer had closed: one retry on a
-                        # fresh connection. Writes are never retried: it may have applied them.
-                        return await self._retry_fresh(method, target, all_headers, body)
-                    raise ExchangeError(str(exc) or type(exc).__name__) from None
-            if scope.cancelled_caught:
-                if conn is not None:
-                    await trio.aclose_forcefully(conn.stream)
-                if conn is None:
-                    raise ConnectError(f"connect timed out after {self.timeout}s")
-                raise ExchangeError(f"no reply within {self.timeout}s")
-            if conn.reusable():
-                self._idle.append(conn)
-            else:
-                await trio.aclose_forcefully(conn.stream)
-            return reply
+                    conn = _Connection(await self.opener())
+                except OSError as exc:
+                    raise ConnectError(str(exc) or type(exc).__name__) from None
+                return await self._exchange(conn, method, target, all_headers, body)
+            assert scope.cancelled_caught
+            raise ExchangeError(f"no reply within {self.timeout}s")
 
-    async def _retry_fresh(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
     ) -> HttpReply:
-        try:
-            conn = _Connection(await self.opener())
-        except OSError as exc:
-            raise ConnectError(str(exc) or type(exc).__name__) from None
+        """Run one exchange on `conn`; keep it if reusable, else (and on any failure) close it."""
         try:
             reply = await conn.exchange(method, target, headers, body)
         except (
@@ -165,16 +154,27 @@ class HttpPool:
         ) as exc:
             await trio.aclose_forcefully(conn.stream)
             raise ExchangeError(str(exc) or type(exc).__name__) from None
-        if conn.reusable():
+        except BaseException:
+            await trio.aclose_forcefully(conn.stream)
+            raise
+        if conn.reusable() and not self._closed:
             self._idle.append(conn)
         else:
             await trio.aclose_forcefully(conn.stream)
         return reply
 
     async def aclose(self) -> None:
+        """Close the idle connections, and every busy one as it finishes; refuse new requests."""
+        self._closed = True
+        await self._drop_idle()
+
+    async def _drop_idle(self) -> None:
         idle, self._idle = self._idle, []
-        for conn in idle:
-            await trio.aclose_forcefully(conn.stream)
+        # Shielded: in an already-cancelled caller, the first close would otherwise raise
+        # Cancelled and leave the rest open. Forceful closes do not block.
+        with trio.CancelScope(shield=True):
+            for conn in idle:
+                await trio.aclose_forcefully(conn.stream)
 
 
 def _stale_keepalive(conn: _Connection) -> bool:

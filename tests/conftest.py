@@ -26,8 +26,14 @@ from tests.harness import MeshClient, start_mesh
 PG_URL = os.environ.get("MESH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture
-async def mesh(nursery: trio.Nursery) -> MeshClient:
+@pytest.fixture(params=["memory", "proxy"])
+async def mesh(request: pytest.FixtureRequest, nursery: trio.Nursery, short_dir: str) -> MeshClient:
+    """A running mesh API, once with the embedded store and once through the state proxy."""
+    if request.param == "proxy":
+        pg_url = request.getfixturevalue("pg_url")  # a sync fixture: PostgreSQL is required
+        path = os.path.join(short_dir, "proxy.sock")
+        await nursery.start(partial(serve_state_proxy, path, pg_url))
+        return await start_mesh(nursery, ASYA_STATEPROXY_SOCKET=path)
     return await start_mesh(nursery)
 
 
