@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-from functools import partial
 
 import trio
 
@@ -14,11 +13,17 @@ from ._config import Config, ConfigError
 from ._server import serve
 
 
-async def _until_signal() -> None:
+async def _run(config: Config) -> None:
+    # Signals are caught from the very start, so one that arrives while the listeners are
+    # still starting also ends in an orderly shutdown.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logging.getLogger("mesh_trio").info("received %s", signal.Signals(signum).name)
-            return
+
+        async def until_signal() -> None:
+            async for signum in signals:
+                logging.getLogger("mesh_trio").info("received %s", signal.Signals(signum).name)
+                return
+
+        await serve(config, shutdown_trigger=until_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        trio.run(partial(serve, config, shutdown_trigger=_until_signal))
+        trio.run(_run, config)
     except ConfigError as exc:
         print(f"asya-mesh-api: configuration error: {exc}", file=sys.stderr)
         return 2

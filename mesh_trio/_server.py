@@ -75,9 +75,14 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
 @asynccontextmanager
 async def open_dispatcher(config: Config) -> AsyncIterator[Dispatcher]:
     if config.transport == "rabbitmq":
-        from ._amqp import open_rabbitmq_dispatcher
+        from ._amqp import actor_routing_key, open_rabbitmq_dispatcher
 
-        async with open_rabbitmq_dispatcher(config.rabbitmq_url, config.rabbitmq_exchange) as rmq:
+        # The default exchange routes by queue name; a named (topic) exchange is how Asya binds
+        # `asya-{namespace}-{actor}` with the key `{actor}` (see docs/rabbitmq.md).
+        key = actor_routing_key(config.namespace) if config.rabbitmq_exchange else None
+        async with open_rabbitmq_dispatcher(
+            config.rabbitmq_url, config.rabbitmq_exchange, routing_key=key
+        ) as rmq:
             yield rmq
     elif config.transport == "sqs":
         from ._sqs import open_sqs_dispatcher
