@@ -89,15 +89,16 @@ class LegacyRoute:
     op: LegacyOp
     successor: str
     summary: str
+    regex: re.Pattern[str] = attrs.field(init=False, eq=False, repr=False)
+
+    @regex.default
+    def _compile(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.pattern).replace(r"\{id\}", f"({UUID_PATTERN})"))
 
     @property
     def successor_method(self) -> str:
         """The method of the new route: sidecars POST events, clients GET."""
         return "POST" if self.role is Role.INTERNAL else "GET"
-
-    @property
-    def regex(self) -> re.Pattern[str]:
-        return re.compile(re.escape(self.pattern).replace(r"\{id\}", f"({UUID_PATTERN})"))
 
     def path(self, envelope_id: str) -> str:
         return self.pattern.replace("{id}", envelope_id)
@@ -188,6 +189,7 @@ class LegacyRouter:
 
     router: Router
     routes: tuple[LegacyRoute, ...] = attrs.field(init=False)
+    _by_role: Mapping[Role, tuple[LegacyRoute, ...]] = attrs.field(init=False, repr=False)
 
     @routes.default
     def _free(self) -> tuple[LegacyRoute, ...]:
@@ -195,8 +197,12 @@ class LegacyRouter:
             r for r in LEGACY_ROUTES if not _serves(self.router, r.role, r.path(_SAMPLE_ID))
         )
 
+    @_by_role.default
+    def _split(self) -> Mapping[Role, tuple[LegacyRoute, ...]]:
+        return {role: tuple(r for r in self.routes if r.role is role) for role in Role}
+
     def for_role(self, role: Role) -> tuple[LegacyRoute, ...]:
-        return tuple(r for r in self.routes if r.role is role)
+        return self._by_role[role]
 
     def shadowed(self) -> tuple[LegacyRoute, ...]:
         """The legacy routes not mounted because the new API serves their path."""
