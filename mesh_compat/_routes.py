@@ -19,6 +19,7 @@ operations; each legacy response carries `Deprecation: true` and a `Link` to its
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from quart import Blueprint, Response, request
@@ -57,9 +58,10 @@ def legacy_blueprint(mesh: Mesh, legacy: LegacyRouter) -> Blueprint:
         headers = dict(legacy.headers(route, envelope_id))
         return Response(dumps(payload), status, headers, content_type=JSON)
 
-    def error_reply(exc: ProtocolError) -> Response:
+    def error_reply(exc: ProtocolError, headers: Iterable[tuple[str, str]] = ()) -> Response:
         log_error(exc)
-        return Response(exc.body(), exc.status_hint, dict(exc.headers), content_type=JSON)
+        merged = {**dict(headers), **dict(exc.headers)}
+        return Response(exc.body(), exc.status_hint, merged, content_type=JSON)
 
     def view(route: LegacyRoute) -> Any:
         async def handle(envelope_id: str) -> Response:
@@ -67,8 +69,7 @@ def legacy_blueprint(mesh: Mesh, legacy: LegacyRouter) -> Blueprint:
             try:
                 envelope = await mesh.get(envelope_id)
             except ProtocolError as exc:
-                exc.headers = (*headers, *exc.headers)
-                return error_reply(exc)
+                return error_reply(exc, headers)
             if route.op is LegacyOp.TASK:
                 return reply(route, envelope_id, 200, task_json(envelope))
             if route.op is LegacyOp.ACTIVE:

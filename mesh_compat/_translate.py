@@ -101,6 +101,7 @@ class LegacyRoute:
         return "POST" if self.role is Role.INTERNAL else "GET"
 
     def path(self, envelope_id: str) -> str:
+        """The route's path for one envelope."""
         return self.pattern.replace("{id}", envelope_id)
 
 
@@ -202,6 +203,7 @@ class LegacyRouter:
         return {role: tuple(r for r in self.routes if r.role is role) for role in Role}
 
     def for_role(self, role: Role) -> tuple[LegacyRoute, ...]:
+        """The mounted legacy routes of one port."""
         return self._by_role[role]
 
     def shadowed(self) -> tuple[LegacyRoute, ...]:
