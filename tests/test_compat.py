@@ -19,7 +19,7 @@ import trio
 
 from mesh_compat import FLY_LIMIT, snapshot_frame
 from mesh_trio.stateproxy import serve_state_proxy
-from tests.harness import MeshClient, Reply, SseClient, http, start_mesh
+from tests.harness import WAIT, MeshClient, Reply, SseClient, http, start_mesh
 
 COMPAT = {"ASYA_MESH_COMPAT": "1"}
 
@@ -306,6 +306,20 @@ async def test_stream_keepalive(nursery: trio.Nursery) -> None:
     await stream.wait_raw(b"\n\n: keepalive\n\n")
     assert b":keepalive" not in stream.raw  # the new dialect's comment stays on the new stream
     await stream.aclose()
+
+
+async def test_stream_unsubscribes_when_the_client_leaves(compat: MeshClient) -> None:
+    hub = compat.bound.mesh.hub
+    envelope_id = await compat.create("a")
+    stream = await legacy_sse(compat, envelope_id)
+    await stream.wait_for(1)
+    assert hub.subscribers(envelope_id) == 1
+    await stream.aclose()
+    with trio.fail_after(WAIT):
+        while hub.subscribers(envelope_id):
+            await sidecar(compat, envelope_id, "fly", "ping")  # a write notices the closed socket
+            await trio.sleep(0.01)
+    assert hub.statistics().subscribers == 0
 
 
 async def test_stream_ends_on_shutdown(nursery: trio.Nursery) -> None:

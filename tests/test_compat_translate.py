@@ -109,8 +109,10 @@ def test_docs_hold_the_current_route_map() -> None:
 # --- routes: legacy next to new ---------------------------------------------------------------
 
 
-def test_every_legacy_route_is_mounted_under_a_prefix() -> None:
-    assert LegacyRouter(Router("/api/v1")).routes == LEGACY_ROUTES
+@pytest.mark.parametrize("prefix", ["/api/v1", "api/v1/", "/mesh", "/v2/gw"])
+def test_every_legacy_route_is_mounted_under_a_prefix(prefix: str) -> None:
+    legacy = LegacyRouter(Router(prefix))
+    assert (legacy.routes, legacy.shadowed()) == (LEGACY_ROUTES, ())
 
 
 def test_new_routes_win_where_paths_overlap() -> None:
