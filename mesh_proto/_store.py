@@ -31,7 +31,7 @@ from urllib.parse import quote, urlencode
 import attrs
 
 from ._envelope import KEY_PREFIX, Envelope, envelope_key
-from ._errors import ServiceError, StoreProtocolError
+from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocolError
 from ._json import dumps, loads
 from ._status import TERMINAL, Ignored, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
@@ -109,8 +109,10 @@ def query_request(
     return StoreRequest(method="POST", target="/query", headers=JSON_HEADERS, body=dumps(query))
 
 
-def _fail(reply: StoreReply, what: str) -> ServiceError:
+def _fail(reply: StoreReply, what: str) -> ProtocolError:
     detail = reply.body[:200].decode("utf-8", "replace")
+    if reply.status == 413:
+        return PayloadTooLarge(f"envelope too large for the state proxy ({what})")
     if reply.status in (500, 502, 503, 504):
         return ServiceError(f"state proxy unavailable ({what}: {reply.status} {detail})".strip())
     return StoreProtocolError(f"unexpected state proxy reply to {what}: {reply.status} {detail}")

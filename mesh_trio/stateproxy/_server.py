@@ -33,10 +33,10 @@ from ._store import Database, KvStore
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
-#: Largest request body accepted by default (as the Go proxy); larger ones are answered 413.
-#: A mesh API create body near its own 10 MiB limit becomes a slightly larger stored envelope:
-#: whoever needs such envelopes raises `max_body` (see docs/stateproxy.md, "Limits").
-MAX_BODY = 10 * 1024 * 1024
+#: Largest request body accepted by default; larger ones are answered 413. Above the mesh API's
+#: own 10 MiB body limit (the Go proxy has 10 MiB), because a create body just under that limit
+#: becomes a larger stored envelope (see docs/stateproxy.md, "Limits").
+MAX_BODY = 16 * 1024 * 1024
 #: Connections to PostgreSQL kept by default.
 DEFAULT_POOL_SIZE = 10
 #: Longest wait for one statement by default, in seconds.
