@@ -53,8 +53,7 @@ class _Connection:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                raw = await self.stream.receive_some(65536)
-                self.conn.receive_data(raw)
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
                 continue
             if isinstance(event, h11.Response):
                 response = event

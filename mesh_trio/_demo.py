@@ -56,7 +56,9 @@ async def _echo(side: _Sidecar, payload: Any) -> None:
 
 async def _story(side: _Sidecar, payload: Any) -> None:
     options = payload if isinstance(payload, dict) else {}
-    text = options.get("text") if isinstance(options.get("text"), str) else DEFAULT_TEXT
+    text = options.get("text")
+    if not isinstance(text, str):
+        text = DEFAULT_TEXT
     delay = options.get("delay", 0.05)
     delay = min(max(float(delay), 0.0), 5.0) if isinstance(delay, int | float) else 0.05
     for hop, actor in enumerate(ROUTE):

@@ -11,7 +11,7 @@ reached the proxy is never re-sent.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TypeVar
@@ -86,11 +86,11 @@ class ProxyStore:
 
     async def list(
         self, status: Status | None, limit: int, offset: int
-    ) -> tuple[list[Envelope], int]:
+    ) -> tuple[Sequence[Envelope], int]:
         envelopes, total = read_rows(await self._send(list_request(status, limit, offset)))
         return envelopes, total if total is not None else offset + len(envelopes)
 
-    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+    async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         envelopes, _ = read_rows(await self._send(expired_request(now, limit)))
         return envelopes
 

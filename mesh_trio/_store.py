@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Protocol
@@ -53,10 +53,10 @@ class Store(Protocol):
 
     async def list(
         self, status: Status | None, limit: int, offset: int
-    ) -> tuple[list[Envelope], int]:
+    ) -> tuple[Sequence[Envelope], int]:
         """A page of envelopes, newest first (ties by id, descending), and the full match count."""
 
-    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+    async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         """Up to `limit` live envelopes whose deadline is at or before `now`."""
 
 
@@ -102,12 +102,12 @@ class MemoryStore:
 
     async def list(
         self, status: Status | None, limit: int, offset: int
-    ) -> tuple[list[Envelope], int]:
+    ) -> tuple[Sequence[Envelope], int]:
         matches = [e for e in self._envelopes.values() if status is None or e.status is status]
         matches.sort(key=_newest_first, reverse=True)
         return matches[offset : offset + limit], len(matches)
 
-    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+    async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return [e for e in self._deadlines.values() if is_expired(e, now)][:limit]
 
 
@@ -202,7 +202,7 @@ class SqliteStore:
 
     async def list(
         self, status: Status | None, limit: int, offset: int
-    ) -> tuple[list[Envelope], int]:
+    ) -> tuple[Sequence[Envelope], int]:
         where, args = ("WHERE status = ?", (str(status),)) if status is not None else ("", ())
         rows = self._db.execute(
             f"SELECT id, value, created_at, updated_at FROM envelopes {where} "
@@ -212,7 +212,7 @@ class SqliteStore:
         (total,) = self._db.execute(f"SELECT count(*) FROM envelopes {where}", args).fetchone()
         return [self._row(r) for r in rows], total
 
-    async def expired(self, now: datetime, limit: int) -> list[Envelope]:
+    async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         rows = self._db.execute(
             "SELECT id, value, created_at, updated_at FROM envelopes WHERE deadline_at IS NOT NULL"
             " AND status NOT IN (?, ?, ?) AND deadline_at <= ? ORDER BY deadline_at LIMIT ?",

@@ -116,7 +116,8 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
         length = request.content_length
         if length is not None:
             check_body_size(length)
-        return await request.get_data(cache=False)  # type: ignore[no-any-return]
+        data = await request.get_data(cache=False, as_text=False)
+        return data if isinstance(data, bytes) else data.encode()
 
     async def handle(path: str = "") -> Response:
         started = time.perf_counter()

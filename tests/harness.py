@@ -8,6 +8,7 @@ exact frame bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -75,10 +76,8 @@ async def http(
 
             async def send() -> None:
                 # The server may answer (413) and close before it read the whole body.
-                try:
+                with contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(out)
-                except trio.BrokenResourceError:
-                    pass
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send)

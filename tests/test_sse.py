@@ -8,7 +8,7 @@ import uuid
 
 import trio
 
-from mesh_proto import catch_up_frame, encode_frame
+from mesh_proto import encode_frame
 from tests.harness import MeshClient, http, start_mesh
 
 

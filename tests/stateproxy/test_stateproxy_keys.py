@@ -8,9 +8,9 @@ from datetime import datetime
 from urllib.parse import quote
 
 import pytest
+import trio
 
 from mesh_trio.stateproxy import MAX_BODY
-import trio
 
 pytestmark = pytest.mark.postgres
 
