@@ -1,11 +1,12 @@
 # Load generator for any server of the mesh API contract (DESIGN.md §3, §5) on 127.0.0.1.
 #
 # Written with trio and h11 over plain `trio.open_tcp_stream` keep-alive connections: one h11
-# client state machine per connection, no pooling layer, no HTTP library. Each scenario runs
-# `--runs` times and prints the median of every figure, with the CPU this process used
-# (`resource.getrusage`) and, given `--server-pid`, the server's CPU (`/proc/PID/stat`), both as a
-# share of one core over the measured window: a loadgen near 100 % means the figure is ours, not
-# the server's.
+# client state machine per connection, no pooling layer, no HTTP library. SSE response heads go
+# through h11 too; their endless bodies are read straight from the socket (`SseBody` says why).
+# Each scenario runs `--runs` times and prints the median of every figure, with the CPU this
+# process used (`resource.getrusage`) and, given `--server-pid`, the server's CPU
+# (`/proc/PID/stat`), both as a share of one core over the measured window. A loadgen near 100 %
+# would mean the figure measures the loadgen, not the server.
 #
 #   create   POST {prefix}/mesh/?actor=bench on C connections for a fixed time: requests/s
 #   events   K envelopes, then POST {prefix}/mesh/{id}/events on the INTERNAL port, half status
@@ -413,6 +414,8 @@ def percentile(ordered: list[float], q: float) -> float:
 
 @attrs.define
 class Settings:
+    """The knobs of every scenario; `--quick` and the CLI options override the defaults."""
+
     runs: int = 3
     duration: float = 2.0
     connections: int = 16
