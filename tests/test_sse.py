@@ -172,3 +172,36 @@ async def test_hub_encodes_once_for_all_subscribers(mesh: MeshClient) -> None:
     assert after.delivered - before.delivered == 5
     for stream in streams:
         await stream.aclose()
+
+
+class CountingStore:
+    """Wraps a store and records the name of every call."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.inner, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def test_fly_events_cost_no_store_round_trip(nursery: trio.Nursery) -> None:
+    mesh = await start_mesh(nursery)
+    core = mesh.bound.mesh
+    envelope_id = await mesh.create()
+    counting = CountingStore(core.store)
+    core.store = counting  # type: ignore[assignment]
+    for n in range(50):
+        assert (await mesh.fly(envelope_id, n)).status == 204
+    assert counting.calls == []
+    await mesh.status(envelope_id, "succeeded")
+    counting.calls.clear()
+    assert (await mesh.fly(envelope_id, "late")).status == 204
+    assert (await mesh.fly(envelope_id, "later")).status == 204
+    assert counting.calls == ["get", "get"]  # an ended envelope is re-checked every time
