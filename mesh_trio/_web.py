@@ -138,7 +138,7 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
             response = Response(payload, status, content_type=JSON if payload else None)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "external %s %s %d %.1fms",
+                "request port=external method=%s path=%s status=%d ms=%.1f",
                 request.method,
                 request.path,
                 response.status_code,
@@ -207,7 +207,7 @@ class InternalApp:
         await send_response(send, status, payload, headers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "internal %s %s %d %.1fms",
+                "request port=internal method=%s path=%s status=%d ms=%.1f",
                 scope["method"],
                 scope["path"],
                 status,
