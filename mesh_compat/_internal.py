@@ -23,15 +23,13 @@ from typing import Any
 
 from mesh_proto import (
     MAX_BODY,
-    ClientError,
     NotFound,
-    PayloadTooLarge,
     ProtocolError,
     Role,
     Router,
     dumps,
 )
-from mesh_trio import Mesh
+from mesh_trio import Mesh, log_error, read_body, send_response, serve_lifespan
 
 from ._translate import (
     FLY_LIMIT,
@@ -50,54 +48,8 @@ log = logging.getLogger("mesh_compat")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
 Headers = Iterable[tuple[str, str]]
-
-
-def log_error(exc: ProtocolError) -> None:
-    """Faults of ours or of a dependency are logged; client mistakes are not."""
-    if not isinstance(exc, ClientError):
-        log.warning("%s (%d)", exc.message, exc.status_hint)
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; `PayloadTooLarge` as soon as it is known to exceed `limit`.
-
-    The limit holds for `Content-Length` and for chunked bodies alike.
-    """
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientError("client disconnected", status_hint=499)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def send_json(send: Send, status: int, payload: bytes, headers: Headers = ()) -> None:
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers]
-    raw.append((b"content-type", b"application/json"))
-    raw.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 class LegacyInternalApp:
@@ -110,7 +62,7 @@ class LegacyInternalApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await lifespan(receive, send)
+            await serve_lifespan(scope, receive, send)
             return
         if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
             return
@@ -118,7 +70,7 @@ class LegacyInternalApp:
         try:
             match = self.legacy.resolve(Role.INTERNAL, method, path)
         except ProtocolError as exc:  # a legacy path, another method: 405 with legacy headers
-            await send_json(send, exc.status_hint, exc.body(), exc.headers)
+            await send_response(send, exc.status_hint, exc.body(), exc.headers)
             return
         if match is None:
             await self._not_legacy(send, method, path)
@@ -130,7 +82,7 @@ class LegacyInternalApp:
         except ProtocolError as exc:
             log_error(exc)
             status, payload, headers = exc.status_hint, exc.body(), (*headers, *exc.headers)
-        await send_json(send, status, payload, headers)
+        await send_response(send, status, payload, headers)
 
     async def _not_legacy(self, send: Send, method: str, path: str) -> None:
         """What `InternalApp` answers without a fallback: the new router's 404 or 405."""
@@ -140,7 +92,7 @@ class LegacyInternalApp:
             error: ProtocolError = exc
         else:  # only when mounted on its own: InternalApp serves what its router resolves
             error = NotFound("not found")
-        await send_json(send, error.status_hint, error.body(), error.headers)
+        await send_response(send, error.status_hint, error.body(), error.headers)
 
     async def _run(self, match: LegacyMatch, scope: Scope, receive: Receive) -> bytes:
         envelope_id = match.id

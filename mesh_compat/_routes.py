@@ -27,9 +27,9 @@ from quart_trio import QuartTrio
 from werkzeug.routing import BaseConverter
 
 from mesh_proto import ProtocolError, Role, Router, dumps
-from mesh_trio import Mesh
+from mesh_trio import Mesh, log_error
 
-from ._internal import LegacyInternalApp, log_error
+from ._internal import LegacyInternalApp
 from ._stream import legacy_stream
 from ._translate import UUID_PATTERN, LegacyOp, LegacyRoute, LegacyRouter, active_reply, task_json
 

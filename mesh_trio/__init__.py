@@ -5,6 +5,7 @@ one SSE `Hub`, a `Store` (embedded memory/SQLite or the state proxy) and a `Disp
 (in-process, RabbitMQ or SQS). `serve()` owns them all; `asya-mesh-api` runs it.
 """
 
+from ._asgi import log_error, read_body, send_response, serve_lifespan
 from ._config import Config, ConfigError, parse_duration
 from ._dispatch import ActorNotFound, Dispatcher, DispatchError, DispatchUnavailable, MemoryQueues
 from ._hub import Hub, HubStatistics, Subscription
@@ -28,6 +29,10 @@ __all__ = [
     "SqliteStore",
     "Store",
     "Subscription",
+    "log_error",
     "parse_duration",
+    "read_body",
+    "send_response",
     "serve",
+    "serve_lifespan",
 ]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -35,6 +34,7 @@ from mesh_proto import (
     dumps,
 )
 
+from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
 from ._mesh import Mesh
 
 log = logging.getLogger("mesh_trio.http")
@@ -43,16 +43,7 @@ JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def log_error(exc: ProtocolError) -> None:
-    """Faults of ours or of a dependency are logged; client mistakes are not."""
-    if not isinstance(exc, ClientError):
-        log.warning("%s (%d)", exc.message, exc.status_hint)
 
 
 async def run_operation(
@@ -179,7 +170,7 @@ class InternalApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await (self.fallback or _lifespan)(scope, receive, send)
+            await (self.fallback or serve_lifespan)(scope, receive, send)
             return
         if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
             return
@@ -213,44 +204,3 @@ class InternalApp:
                 status,
                 (time.perf_counter() - started) * 1000,
             )
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY) -> bytes:
-    """The whole request body; `PayloadTooLarge` as soon as it is known to exceed `limit`."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientError("client disconnected", status_hint=499)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def send_response(
-    send: Send, status: int, payload: bytes, headers: Iterable[tuple[str, str]] = ()
-) -> None:
-    raw = [(k.encode(), v.encode()) for k, v in headers]
-    if payload:
-        raw.append((b"content-type", JSON.encode()))
-    raw.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def _lifespan(scope: Scope, receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
