@@ -9,7 +9,7 @@ from ._asgi import log_error, read_body, send_response, serve_lifespan
 from ._config import Config, ConfigError, parse_duration
 from ._dispatch import ActorNotFound, Dispatcher, DispatchError, DispatchUnavailable, MemoryQueues
 from ._hub import Hub, HubStatistics, Subscription
-from ._mesh import Mesh
+from ._mesh import Mesh, SseDialect
 from ._server import Bound, serve
 from ._store import MemoryStore, SqliteStore, Store
 
@@ -27,6 +27,7 @@ __all__ = [
     "MemoryStore",
     "Mesh",
     "SqliteStore",
+    "SseDialect",
     "Store",
     "Subscription",
     "log_error",

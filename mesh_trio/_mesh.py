@@ -37,6 +37,7 @@ from mesh_proto import (
     SseStream,
     Status,
     StatusEvent,
+    catch_up_frame,
     parse_event,
     queue_name,
 )
@@ -79,6 +80,22 @@ class LiveCache:
         self._until.move_to_end(envelope.id)
         if len(self._until) > self.max_size:
             self._until.popitem(last=False)
+
+
+def _as_published(envelope_id: str, published: Published, now: datetime) -> bytes:
+    return published.frame
+
+
+@attrs.frozen
+class SseDialect:
+    """How a stream encodes what the core lets through: the catch-up snapshot, each live event
+    (given the envelope id and `now`), and the keepalive comment. The default is DESIGN §5:
+    the envelope as GET returns it, and the frames as published (encoded once for everyone).
+    """
+
+    snapshot: Callable[[Envelope], bytes] = catch_up_frame
+    live: Callable[[str, Published, datetime], bytes] = _as_published
+    keepalive: bytes = KEEPALIVE
 
 
 @attrs.define(eq=False)
@@ -170,33 +187,44 @@ class Mesh:
             self.hub.publish(envelope_id, Published.status(outcome))
         return outcome
 
-    async def stream(self, envelope_id: str) -> AsyncIterator[bytes]:
+    async def stream(
+        self, envelope_id: str, dialect: SseDialect | None = None
+    ) -> AsyncIterator[bytes]:
         """The SSE byte stream of one envelope (call `get` first for a 404 before any bytes).
 
         Subscribes before reading the snapshot, so nothing published in between is lost; ends
         after a terminal status, when the hub closes (shutdown), or when the caller stops.
+        The core's `SseStream` decides what passes; `dialect` only encodes it (the legacy
+        stream of `mesh_compat` is this loop with another dialect).
         """
+        dialect = dialect or SseDialect()
         state = SseStream(keepalive=self.keepalive)
         with self.hub.subscribe(envelope_id) as sub:
             envelope = await self.store.get(envelope_id)
             if envelope is None:
                 return
             self.live.mark(envelope)
-            yield state.catch_up(envelope)
+            state.catch_up(envelope)
+            yield dialect.snapshot(envelope)
             state.sent(trio.current_time())
             while not state.done:
                 with trio.move_on_after(state.keepalive_in(trio.current_time())):
                     await sub.wait()
                 pending, resync = sub.take()
-                chunk = b""
+                frames = []
                 if resync:
                     envelope = await self.store.get(envelope_id)
                     if envelope is None:
                         return
-                    chunk = state.catch_up(envelope)
-                chunk += state.live(pending)
+                    state.catch_up(envelope)
+                    frames.append(dialect.snapshot(envelope))
+                now = self.clock()
+                for published in pending:
+                    if state.live([published]):  # one at a time: the verdict for each
+                        frames.append(dialect.live(envelope_id, published, now))
+                chunk = b"".join(frames)
                 if not chunk and state.keepalive_in(trio.current_time()) == 0:
-                    chunk = KEEPALIVE
+                    chunk = dialect.keepalive
                 if chunk:
                     yield chunk
                     state.sent(trio.current_time())
