@@ -112,7 +112,7 @@ def query_request(
 def _fail(reply: StoreReply, what: str) -> ProtocolError:
     detail = reply.body[:200].decode("utf-8", "replace")
     if reply.status == 413:
-        return PayloadTooLarge(f"envelope too large for the state proxy ({what})")
+        return PayloadTooLarge(f"envelope too large for the state proxy ({what}: 413)")
     if reply.status in (500, 502, 503, 504):
         return ServiceError(f"state proxy unavailable ({what}: {reply.status} {detail})".strip())
     return StoreProtocolError(f"unexpected state proxy reply to {what}: {reply.status} {detail}")

@@ -266,7 +266,8 @@ def test_failure_detail_is_short_and_decoded() -> None:
 @pytest.mark.parametrize(
     ("status", "result"),
     [(200, True), (201, True), (204, True), (409, False), (404, StoreProtocolError),
-     (400, StoreProtocolError), (500, ServiceError), (503, ServiceError)],
+     (400, StoreProtocolError), (413, PayloadTooLarge), (500, ServiceError),
+     (503, ServiceError)],
     ids=str,
 )  # fmt: skip
 def test_check_write(status: int, result: Any) -> None:
