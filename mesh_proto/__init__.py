@@ -72,6 +72,7 @@ from ._store import (
     update_status,
 )
 from ._time import format_time, parse_time
+from ._trace import traceparent_for
 
 __all__ = [
     "ALIASES",
@@ -141,5 +142,6 @@ __all__ = [
     "queue_name",
     "read_envelope",
     "read_rows",
+    "traceparent_for",
     "update_status",
 ]

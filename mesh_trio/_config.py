@@ -74,6 +74,7 @@ class Config:
     demo_actors: bool = True
     graceful_timeout: float = 5.0
     access_log: bool = False
+    tracing: bool = False
 
     @property
     def router(self) -> Router:
@@ -172,4 +173,5 @@ class Config:
             demo_actors=flag("ASYA_MESH_DEMO_ACTORS", True),
             graceful_timeout=duration("ASYA_MESH_GRACEFUL_TIMEOUT", 5.0),
             access_log=flag("ASYA_MESH_ACCESS_LOG", False),
+            tracing=flag("ASYA_MESH_TRACING", False),
         )

@@ -13,6 +13,7 @@ terminal status passes through this process (so it is re-checked after it ends).
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +41,7 @@ from mesh_proto import (
     catch_up_frame,
     parse_event,
     queue_name,
+    traceparent_for,
 )
 
 from ._dispatch import ActorNotFound, Dispatcher, DispatchUnavailable
@@ -106,11 +108,17 @@ class Mesh:
     namespace: str = "default"
     gateway_url: str | None = None
     keepalive: float = 15.0
+    tracing: bool = False
     clock: Callable[[], datetime] = utcnow
     live: LiveCache = attrs.field(factory=LiveCache)
 
-    async def create(self, query: str | bytes, body: bytes) -> str:
+    async def create(
+        self, query: str | bytes, body: bytes, *, traceparent: str | None = None
+    ) -> str:
         """Validate, store and dispatch a new envelope; returns its id.
+
+        With tracing on, the envelope's headers get a W3C `traceparent` that joins the caller's
+        trace (`traceparent`, the request's header) or starts one.
 
         Raises:
             ClientError: bad input (nothing stored); `NotFound("actor not found")` when the
@@ -119,7 +127,11 @@ class Mesh:
         """
         request = CreateRequest.parse(query, body)
         envelope = Envelope.new(
-            request, envelope_id=str(uuid.uuid4()), now=self.clock(), gateway_url=self.gateway_url
+            request,
+            envelope_id=str(uuid.uuid4()),
+            now=self.clock(),
+            gateway_url=self.gateway_url,
+            traceparent=traceparent_for(traceparent, os.urandom(24)) if self.tracing else None,
         )
         queue = queue_name(request.namespace or self.namespace, request.actor)
         with trio.CancelScope(shield=True) as scope:

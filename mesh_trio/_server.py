@@ -121,6 +121,7 @@ async def serve(
             namespace=config.namespace,
             gateway_url=config.internal_url,
             keepalive=config.sse_keepalive,
+            tracing=config.tracing,
         )
         router = config.router
         external: Any = external_app(mesh, router, cors_origins=config.cors_origins)

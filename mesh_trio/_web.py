@@ -47,11 +47,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def run_operation(
-    mesh: Mesh, op: Op, envelope_id: str | None, query: bytes, body: Callable[[], Awaitable[bytes]]
+    mesh: Mesh,
+    op: Op,
+    envelope_id: str | None,
+    query: bytes,
+    body: Callable[[], Awaitable[bytes]],
+    traceparent: str | None = None,
 ) -> tuple[int, bytes]:
     """Run a non-streaming operation; returns (status, JSON body or b"")."""
     if op is Op.CREATE:
-        return 201, dumps({"id": await mesh.create(query, await body())})
+        envelope_id = await mesh.create(query, await body(), traceparent=traceparent)
+        return 201, dumps({"id": envelope_id})
     if op is Op.LIST:
         return 200, dumps(await mesh.list(query))
     if op is Op.HEALTH:
@@ -124,7 +130,12 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
             response.timeout = None
         else:
             status, payload = await run_operation(
-                mesh, route.op, route.id, request.query_string, body
+                mesh,
+                route.op,
+                route.id,
+                request.query_string,
+                body,
+                request.headers.get("traceparent"),
             )
             response = Response(payload, status, content_type=JSON if payload else None)
         if log.isEnabledFor(logging.DEBUG):

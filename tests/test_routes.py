@@ -290,3 +290,18 @@ async def test_cors(nursery: trio.Nursery) -> None:
 async def test_error_bodies_are_json(mesh: MeshClient) -> None:
     reply = await mesh.ext("GET", "?limit=abc")
     assert json.loads(reply.body) == {"error": "limit must be an integer"}
+
+
+async def test_tracing_stamps_traceparent(nursery: trio.Nursery) -> None:
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    plain = await start_mesh(nursery)
+    envelope_id = (await plain.ext("POST", "?actor=w", {}, headers={"traceparent": caller})).json()
+    assert "traceparent" not in (await plain.get(envelope_id["id"]))["data"]["headers"]
+    traced = await start_mesh(nursery, ASYA_MESH_TRACING="1")
+    joined = (await traced.ext("POST", "?actor=w", {}, headers={"traceparent": caller})).json()
+    header = (await traced.get(joined["id"]))["data"]["headers"]["traceparent"]
+    assert header.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and header.endswith("-01")
+    assert header != caller
+    fresh = await traced.create()
+    started = (await traced.get(fresh))["data"]["headers"]["traceparent"]
+    assert started.startswith("00-") and "4bf92f" not in started
