@@ -137,21 +137,12 @@ async def serve(
             access_log=config.access_log,
         )
         async with trio.open_nursery() as nursery:
+            listen = partial(hypercorn_serve, shutdown_trigger=stop_listeners.wait)
             ext_binds = await nursery.start(
-                partial(
-                    hypercorn_serve,
-                    external,
-                    settings(config.host, config.external_port),
-                    shutdown_trigger=stop_listeners.wait,
-                )
+                listen, external, settings(config.host, config.external_port)
             )
             int_binds = await nursery.start(
-                partial(
-                    hypercorn_serve,
-                    internal,
-                    settings(config.host, config.internal_port),
-                    shutdown_trigger=stop_listeners.wait,
-                )
+                listen, internal, settings(config.host, config.internal_port)
             )
             bound = Bound(_port(ext_binds), _port(int_binds), mesh)
             if mesh.gateway_url is None:
