@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -81,35 +81,108 @@ def proc_rss_kib(pid: int) -> int:
     raise LoadError(f"no VmRSS for pid {pid}")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine spent busy so far (/proc/stat, not idle/iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user/nice)
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def pids_cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each pid still alive (a process gone since is left out)."""
+    out = {}
+    for pid in pids:
+        with suppress(OSError):
+            out[pid] = proc_cpu_seconds(pid)
+    return out
+
+
+def pg_backend_pids(url: str, application_name: str) -> list[int]:
+    """Pids of the PostgreSQL backends serving `application_name` (the state proxy's pool)."""
+    import psycopg  # only when asked: the loadgen needs no driver otherwise
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+@attrs.define
+class Aux:
+    """Other processes whose CPU a window reports: `name` -> pids, and the PostgreSQL backends
+    of an application name (looked up when each window starts, once the pool has grown)."""
+
+    pids: dict[str, list[int]] = attrs.field(factory=dict)
+    pg_url: str | None = None
+    pg_app: str | None = None
+
+    def resolve(self) -> dict[str, list[int]]:
+        out = dict(self.pids)
+        if self.pg_url and self.pg_app:
+            out["pg"] = pg_backend_pids(self.pg_url, self.pg_app)
+        return out
+
+
 @attrs.define
 class CpuWindow:
-    """CPU used by this process and by the server between `start()` and `stop()`."""
+    """CPU used by this process, the server, other named processes and the whole machine
+    between `start()` and `stop()`, each as % of one core (the machine's can reach 100 x cores).
+    `other_cpu_pct` is what the machine spent on anything else (other jobs on a shared host)."""
 
     server_pid: int | None
+    aux: Aux | None = None
     wall: float = 0.0
     own: float = 0.0
     server: float = 0.0
+    machine: float = 0.0
+    aux_pids: dict[str, list[int]] = attrs.field(factory=dict)
+    aux_start: dict[str, dict[int, float]] = attrs.field(factory=dict)
 
     def start(self) -> None:
+        self.aux_pids = self.aux.resolve() if self.aux else {}
+        self.aux_start = {name: pids_cpu_seconds(p) for name, p in self.aux_pids.items()}
         self.wall = time.perf_counter()
         self.own = own_cpu_seconds()
         self.server = proc_cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        self.machine = machine_busy_seconds()
 
     def stop(self) -> Figures:
         wall = time.perf_counter() - self.wall
-        figures = {"wall_s": wall, "loadgen_cpu_pct": 100 * (own_cpu_seconds() - self.own) / wall}
+        machine = machine_busy_seconds() - self.machine
+        own = own_cpu_seconds() - self.own
+        figures = {"wall_s": wall, "loadgen_cpu_pct": 100 * own / wall}
+        known = own
         if self.server_pid:
             used = proc_cpu_seconds(self.server_pid) - self.server
             figures["server_cpu_pct"] = 100 * used / wall
             figures["server_cpu_s"] = used
+            known += used
+        for name, pids in self.aux_pids.items():
+            end = pids_cpu_seconds(pids)
+            used = sum(end[p] - s for p, s in self.aux_start[name].items() if p in end)
+            figures[f"{name}_cpu_pct"] = 100 * used / wall
+            figures[f"{name}_cpu_s"] = used
+            known += used
+        figures["machine_cpu_pct"] = 100 * machine / wall
+        figures["other_cpu_pct"] = max(0.0, 100 * (machine - known) / wall)
         return figures
 
 
 def per_server_cpu(count: float, figures: Figures) -> Figures:
     """`count` per second of server CPU: a throughput that other load on the machine (which
-    takes the core away from the server) does not change, unlike a rate per wall second."""
+    takes the core away from the server) does not change, unlike a rate per wall second.
+    Also the CPU microseconds per unit of the server and of each other process measured."""
+    out: Figures = {"count": count}
     used = figures.get("server_cpu_s")
-    return {"per_server_cpu_s": count / used} if used else {}
+    if used:
+        out["per_server_cpu_s"] = count / used
+    if count:
+        for key, value in figures.items():
+            if key.endswith("_cpu_s"):
+                out[key[: -len("_cpu_s")] + "_us_per_req"] = 1e6 * value / count
+    return out
 
 
 # --- HTTP/1.1 client connection ------------------------------------------------------------
@@ -326,6 +399,10 @@ class Target:
     internal_port: int
     prefix: str
     server_pid: int | None
+    aux: Aux | None = None
+
+    def window(self) -> CpuWindow:
+        return CpuWindow(self.server_pid, self.aux)
 
     def mesh(self, rest: str = "") -> bytes:
         return f"{self.prefix}/mesh/{rest}".encode()
@@ -426,10 +503,33 @@ class Settings:
     max_publishers: int = 64
     token_streams: int = 10
     streams: tuple[int, ...] = (1000, 5000)
+    preload: int = 0
+    preload_connections: int = 32
+
+
+async def measure_requests(
+    target: Target, s: Settings, port: int, one: Callable[[int, Conn, int], Awaitable[bool]]
+) -> Figures:
+    """`one` back to back on `s.connections` connections to `port`: a 0.3 s warm-up (first
+    requests, lazy imports, allocator, the state proxy's pool), then the measured window."""
+    conns = await open_conns(port, s.connections)
+    try:
+        await hammer(conns, 0.3, one)
+        window = target.window()
+        window.start()
+        ok, bad = await hammer(conns, s.duration, one)
+        figures = window.stop()
+    finally:
+        await close_all(conns)
+    return {
+        "req_per_s": ok / figures["wall_s"],
+        "errors": bad,
+        **per_server_cpu(ok, figures),
+        **figures,
+    }
 
 
 async def scenario_create(target: Target, s: Settings) -> Figures:
-    conns = await open_conns(target.external_port, s.connections)
     path = target.mesh("?actor=bench")
     body = b'{"payload":{"n":1}}'
 
@@ -437,53 +537,85 @@ async def scenario_create(target: Target, s: Settings) -> Figures:
         status, _ = await conn.request(b"POST", path, body)
         return status == 201
 
-    try:
-        await hammer(conns, 0.3, one)  # warm-up: first requests, lazy imports, allocator
-        window = CpuWindow(target.server_pid)
-        window.start()
-        ok, bad = await hammer(conns, s.duration, one)
-        figures = window.stop()
-    finally:
-        await close_all(conns)
-    return {
-        "req_per_s": ok / figures["wall_s"],
-        "errors": bad,
-        **per_server_cpu(ok, figures),
-        **figures,
-    }
+    return await measure_requests(target, s, target.external_port, one)
 
 
-async def scenario_events(target: Target, s: Settings) -> Figures:
-    ids = [i.encode() for i in await create_envelopes(target, s.envelopes)]
-    conns = await open_conns(target.internal_port, s.connections)
-    paths = [target.mesh(f"{i.decode()}/events") for i in ids]
-    fly = b'{"type":"fly","data":{"token":"x"}}'
+FLY_BODY = b'{"type":"fly","data":{"token":"x"}}'
+STATUS_BODY = b'{"type":"status","status":"running","data":{"progress_percent":%d}}'
+
+
+async def scenario_events(target: Target, s: Settings, kind: str = "events") -> Figures:
+    """Sidecar events on the internal port over `s.envelopes` fresh envelopes: `events`
+    alternates a status (running, progress) and a FLY event on each connection, `status` and
+    `fly` send only that kind."""
+    ids = await create_envelopes(target, s.envelopes)
+    paths = [target.mesh(f"{i}/events") for i in ids]
+    fly_only, status_only = kind == "fly", kind == "status"
 
     async def one(i: int, conn: Conn, n: int) -> bool:
-        path = paths[(i + n * len(conns)) % len(paths)]
-        if n % 2:
-            body = fly
-        else:
-            body = b'{"type":"status","status":"running","data":{"progress_percent":%d}}' % (
-                n % 100
-            )
+        path = paths[(i + n * s.connections) % len(paths)]
+        fly = fly_only or (n % 2 == 1 and not status_only)
+        body = FLY_BODY if fly else STATUS_BODY % (n % 100)
         status, _ = await conn.request(b"POST", path, body)
         return status == 204
 
-    try:
-        await hammer(conns, 0.3, one)
-        window = CpuWindow(target.server_pid)
-        window.start()
-        ok, bad = await hammer(conns, s.duration, one)
-        figures = window.stop()
-    finally:
-        await close_all(conns)
-    return {
-        "req_per_s": ok / figures["wall_s"],
-        "errors": bad,
-        **per_server_cpu(ok, figures),
-        **figures,
-    }
+    return await measure_requests(target, s, target.internal_port, one)
+
+
+async def scenario_get(target: Target, s: Settings) -> Figures:
+    """`GET {prefix}/mesh/{id}` on the internal port (a sidecar's heartbeat / pre-flight)."""
+    paths = [target.mesh(i) for i in await create_envelopes(target, s.envelopes)]
+
+    async def one(i: int, conn: Conn, n: int) -> bool:
+        status, _ = await conn.request(b"GET", paths[(i + n * s.connections) % len(paths)])
+        return status == 200
+
+    return await measure_requests(target, s, target.internal_port, one)
+
+
+async def scenario_list(target: Target, s: Settings) -> Figures:
+    """`GET {prefix}/mesh/?limit=10` on the external port: the newest page and the total."""
+    path = target.mesh("?limit=10")
+
+    async def one(_i: int, conn: Conn, _n: int) -> bool:
+        status, _ = await conn.request(b"GET", path)
+        return status == 200
+
+    return await measure_requests(target, s, target.external_port, one)
+
+
+async def scenario_preload(target: Target, s: Settings) -> Figures:
+    """Create `s.preload` envelopes through the API on `s.preload_connections` connections,
+    as fast as the server takes them (not a measurement: the state before one)."""
+    left = [s.preload]
+    errors = [0]
+
+    async def worker() -> None:
+        conn = await Conn.open(target.external_port)
+        path = target.mesh("?actor=bench")
+        try:
+            while left[0] > 0:
+                left[0] -= 1
+                try:
+                    status, _ = await conn.request(b"POST", path, b'{"payload":{"n":0}}')
+                except REQUEST_ERRORS:
+                    status = 0
+                    conn = await conn.reopen()
+                if status != 201:
+                    errors[0] += 1
+                    if errors[0] > 100:
+                        raise LoadError(f"preload: too many failed creates (last {status})")
+        finally:
+            await conn.aclose()
+
+    window = target.window()
+    window.start()
+    async with trio.open_nursery() as nursery:
+        for _ in range(s.preload_connections):
+            nursery.start_soon(worker)
+    figures = window.stop()
+    created = s.preload - errors[0]
+    return {"created": created, "req_per_s": created / figures["wall_s"], **figures}
 
 
 async def open_subscribers(
@@ -598,7 +730,7 @@ async def scenario_fanout(target: Target, s: Settings, subscribers: int) -> Figu
         async with trio.open_nursery() as nursery:
             await open_subscribers(nursery, target, [envelope_id] * subscribers, on_frames)
             await trio.sleep(0.2)
-            window = CpuWindow(target.server_pid)
+            window = target.window()
             window.start()
             start = time.perf_counter()
             # Offered for `duration` seconds; posts still unanswered 5 s later are abandoned,
@@ -630,6 +762,13 @@ async def scenario_fanout(target: Target, s: Settings, subscribers: int) -> Figu
         "publish_conns": len(conns),
         "post_p50_ms": 1000 * percentile(post_times, 0.5),
         "post_max_ms": 1000 * max(post_times, default=float("nan")),
+        # Server CPU per delivered frame, the event POSTs included: encoding a frame once per
+        # subscriber instead of once per event would show here (as it would against bare).
+        **(
+            {"server_us_per_frame": 1e6 * figures["server_cpu_s"] / len(latencies)}
+            if latencies and "server_cpu_s" in figures
+            else {}
+        ),
         **figures,
     }
 
@@ -675,7 +814,7 @@ async def scenario_tokens(target: Target, s: Settings) -> Figures:
                         errors[0] += 1
 
             counting[0] = True
-            window = CpuWindow(target.server_pid)
+            window = target.window()
             window.start()
             async with trio.open_nursery() as publishers:
                 for i in range(len(ids)):
@@ -734,7 +873,7 @@ async def scenario_memory(target: Target, s: Settings) -> Figures:
 
 def median_figures(runs: list[Figures]) -> Figures:
     keys = runs[0].keys()
-    return {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
 
 
 def raise_fd_limit() -> int:
@@ -766,8 +905,14 @@ async def run_all(target: Target, s: Settings, scenarios: list[str]) -> dict[str
     for name in scenarios:
         if name == "create":
             plan.append(("create", lambda: scenario_create(target, s), s.runs))
-        elif name == "events":
-            plan.append(("events", lambda: scenario_events(target, s), s.runs))
+        elif name in ("events", "status", "fly"):
+            plan.append((name, partial(scenario_events, target, s, name), s.runs))
+        elif name == "get":
+            plan.append(("get", lambda: scenario_get(target, s), s.runs))
+        elif name == "list":
+            plan.append(("list", lambda: scenario_list(target, s), s.runs))
+        elif name == "preload":
+            plan.append(("preload", lambda: scenario_preload(target, s), 1))
         elif name == "fanout":
             for n in s.subscribers:
                 plan.append((f"fanout_{n}", partial(scenario_fanout, target, s, n), s.runs))
@@ -781,7 +926,7 @@ async def run_all(target: Target, s: Settings, scenarios: list[str]) -> dict[str
         figures_of_runs = []
         for _ in range(runs):
             try:
-                with bounded(s.duration + 90):
+                with bounded(s.duration + 90 + s.preload / 100 * (name == "preload")):
                     figures_of_runs.append(await make())
             except (*REQUEST_ERRORS, trio.TooSlowError) as exc:
                 # One broken run should not cost the other scenarios their figures.
@@ -808,6 +953,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subscribers", help="fan-out subscriber counts, e.g. 1,100,1000")
     parser.add_argument("--rate", type=float, help="fan-out publish rate, events/s")
     parser.add_argument("--streams", help="idle stream counts for memory, e.g. 1000,5000")
+    parser.add_argument("--preload", type=int, help="envelopes the preload scenario creates")
+    parser.add_argument("--preload-connections", type=int, help="connections of the preload")
+    parser.add_argument(
+        "--aux-pid",
+        action="append",
+        default=[],
+        metavar="NAME:PID[,PID...]",
+        help="also report the CPU of these processes as NAME_cpu_pct (e.g. proxy:1234)",
+    )
+    parser.add_argument("--pg-url", help="PostgreSQL to find the backends of --pg-app in")
+    parser.add_argument(
+        "--pg-app", help="report the CPU of the backends with this application_name as pg_cpu"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args(argv)
 
@@ -828,7 +986,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.rate = args.rate
     if args.streams:
         s.streams = tuple(int(n) for n in args.streams.split(","))
+    if args.preload is not None:
+        s.preload = args.preload
+    if args.preload_connections is not None:
+        s.preload_connections = args.preload_connections
     return s
+
+
+def aux_from(args: argparse.Namespace) -> Aux | None:
+    pids: dict[str, list[int]] = {}
+    for item in args.aux_pid:
+        name, _, numbers = item.partition(":")
+        pids.setdefault(name, []).extend(int(n) for n in numbers.split(",") if n)
+    if not pids and not args.pg_app:
+        return None
+    return Aux(pids=pids, pg_url=args.pg_url, pg_app=args.pg_app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -839,6 +1011,7 @@ def main(argv: list[str] | None = None) -> None:
         internal_port=args.internal_port,
         prefix=args.prefix.rstrip("/"),
         server_pid=args.server_pid,
+        aux=aux_from(args),
     )
     limit = raise_fd_limit()
     if max(s.streams, default=0) + 100 > limit:
