@@ -60,13 +60,17 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 Results = dict[str, dict[str, float]]
 
-# What each variant measures: (targets, scenarios, baseline, memory scenario, preload subject).
+# What each variant measures: (targets, scenarios, baseline, memory scenario, preload subject,
+# runs per step and target). The variants with few steps take more runs (less noise, same time).
 VARIANTS = {
-    "default": ("bare,ours", "create,events,fanout,tokens", "bare", True, "ours"),
-    "proxy": ("ours,proxy", "create,events,status,fly", "ours", False, "proxy"),
-    "rabbitmq": ("ours,rabbitmq", "create", "ours", False, "rabbitmq"),
+    "default": ("bare,ours", "create,events,fanout,tokens", "bare", True, "ours", 3),
+    "proxy": ("ours,proxy", "create,events,status,fly", "ours", False, "proxy", 5),
+    "rabbitmq": ("ours,rabbitmq", "create", "ours", False, "rabbitmq", 7),
 }
 PRELOAD_SCENARIOS = "create,events,status,fly,get,list"
+# Runs per step with --preload: the memory store's preload (through the API) takes ~90 s of the
+# budget; the state proxy's (SQL) takes seconds.
+PRELOAD_RUNS = {"ours": 3, "proxy": 5, "rabbitmq": 3}
 
 
 @attrs.define
@@ -419,7 +423,12 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def median(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
+    """The median of every figure over the runs; for requests/s also the lowest and highest."""
+    out = {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
+    rates = [r["req_per_s"] for r in runs if "req_per_s" in r]
+    if rates:
+        out["req_per_s_lo"], out["req_per_s_hi"] = min(rates), max(rates)
+    return out
 
 
 def load_average() -> float:
@@ -590,6 +599,14 @@ def table(all_results: dict[str, Results], baseline: str | None = None) -> str:
 
     for scenario, figure, label, higher in ROWS:
         row(f"{label} ({'higher' if higher else 'lower'} is better)", scenario, figure)
+    for scenario, label in REQUEST_SCENARIOS:
+        spread = [all_results[n].get(scenario, {}) for n in names]
+        if any("req_per_s_lo" in f for f in spread):
+            cells = [f"{label}, requests/s, lowest-highest run"]
+            cells += [
+                f"{_num(f.get('req_per_s_lo'))}-{_num(f.get('req_per_s_hi'))}" for f in spread
+            ]
+            lines.append("| " + " | ".join(cells + ["-"] * len(bases)) + " |")
     for scenario in CPU_SCENARIOS:
         for figure, label in CPU_FIGURES:
             row(f"{scenario}: {label}", scenario, figure)
@@ -616,7 +633,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--proxy-core", default="0", help="taskset CPU list of the state proxy")
     parser.add_argument("--scenarios", help="comma-separated (default: the variant's)")
     parser.add_argument("--subscribers", help="fan-out subscriber counts (default 1,100,1000)")
-    parser.add_argument("--runs", type=int, help="runs per step and server (default 3)")
+    parser.add_argument("--runs", type=int, help="runs per step and target (default 3-7)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", default=None)
     parser.add_argument(
         "--loadgen-arg", action="append", default=[], help="passed to loadgen.py as is"
@@ -636,8 +653,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(table(saved))
         return
-    targets, scenarios, baseline, memory, subject = VARIANTS[args.variant]
+    targets, scenarios, baseline, memory, subject, runs = VARIANTS[args.variant]
     if args.preload:
+        runs = PRELOAD_RUNS[subject]
         targets, scenarios, baseline, memory = (
             f"{subject},{subject}+{args.preload}",
             PRELOAD_SCENARIOS,
@@ -649,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     args.baseline = args.baseline or (baseline if baseline in names else None)
     args.memory = memory if args.memory is None else args.memory
     args.subscribers = args.subscribers or ("1,100" if args.quick else "1,100,1000")
-    args.runs = args.runs or (1 if args.quick else 3)
+    args.runs = args.runs or (1 if args.quick else runs)
     started = time.monotonic()
     deadline = started + args.budget
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
