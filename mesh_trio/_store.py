@@ -11,6 +11,7 @@ Store failures raise `mesh_proto.ServiceError` (503 to the client), never anythi
 
 from __future__ import annotations
 
+import bisect
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -66,16 +67,33 @@ def _newest_first(envelope: Envelope) -> tuple[datetime, str]:
 
 @attrs.define(eq=False)
 class MemoryStore:
-    """Envelopes in a dict. Live envelopes with a deadline are also indexed for the backstop."""
+    """Envelopes in a dict, with sorted indexes so that no operation scans them all.
+
+    `_order` holds every envelope's `(created_at, id)` in ascending order, and `_by_status` the
+    same per status, so a newest-first page is a slice from the end (a status change moves one
+    entry between two lists). Live envelopes with a deadline are kept apart for the backstop.
+    """
 
     _envelopes: dict[str, Envelope] = attrs.field(factory=dict)
     _deadlines: dict[str, Envelope] = attrs.field(factory=dict)
+    _order: list[tuple[datetime, str]] = attrs.field(factory=list)
+    _by_status: dict[Status, list[tuple[datetime, str]]] = attrs.field(
+        factory=lambda: {status: [] for status in Status}
+    )
 
     async def ping(self) -> None:
         return None
 
     def _put(self, envelope: Envelope) -> None:
+        old = self._envelopes.get(envelope.id)
         self._envelopes[envelope.id] = envelope
+        position = _newest_first(envelope)
+        if old is None:
+            bisect.insort(self._order, position)
+            bisect.insort(self._by_status[envelope.status], position)
+        elif old.status is not envelope.status:
+            _remove(self._by_status[old.status], position)
+            bisect.insort(self._by_status[envelope.status], position)
         if envelope.deadline_at is not None and not envelope.terminal:
             self._deadlines[envelope.id] = envelope
         else:
@@ -98,17 +116,29 @@ class MemoryStore:
 
     async def delete(self, envelope_id: str) -> bool:
         self._deadlines.pop(envelope_id, None)
-        return self._envelopes.pop(envelope_id, None) is not None
+        envelope = self._envelopes.pop(envelope_id, None)
+        if envelope is None:
+            return False
+        _remove(self._order, _newest_first(envelope))
+        _remove(self._by_status[envelope.status], _newest_first(envelope))
+        return True
 
     async def list(
         self, status: Status | None, limit: int, offset: int
     ) -> tuple[Sequence[Envelope], int]:
-        matches = [e for e in self._envelopes.values() if status is None or e.status is status]
-        matches.sort(key=_newest_first, reverse=True)
-        return matches[offset : offset + limit], len(matches)
+        order = self._order if status is None else self._by_status[status]
+        end = max(len(order) - offset, 0)
+        page = order[max(end - limit, 0) : end]
+        return [self._envelopes[key] for _, key in reversed(page)], len(order)
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return [e for e in self._deadlines.values() if is_expired(e, now)][:limit]
+
+
+def _remove(order: list[tuple[datetime, str]], position: tuple[datetime, str]) -> None:
+    index = bisect.bisect_left(order, position)
+    if index < len(order) and order[index] == position:
+        del order[index]
 
 
 _SCHEMA = """

@@ -65,9 +65,12 @@ async def test_create_get_delete(store: Store) -> None:
     assert stored is not None and stored.id == envelope.id
     assert stored.to_value() == envelope.to_value()
     assert await store.get(make(2).id) is None
+    assert (await store.list(Status.PENDING, 10, 0))[1] == 1
     assert await store.delete(envelope.id) is True
     assert await store.delete(envelope.id) is False
     assert await store.get(envelope.id) is None
+    assert await store.list(None, 10, 0) == ([], 0)
+    assert await store.list(Status.PENDING, 10, 0) == ([], 0)
 
 
 async def test_update_applies_rules(store: Store) -> None:

@@ -48,6 +48,9 @@ _INDEX_NAMES = (
     b"WHERE i.indrelid = 'kv'::regclass"
 )
 GIN_INDEX = "kv_value_gin"
+# Newest-first pages (the mesh API's list: `ORDER BY created_at DESC, key DESC LIMIT n`) walk
+# this index backwards and stop after n rows, instead of sorting the whole table.
+CREATED_INDEX = "kv_created_key"
 
 # Client data that PostgreSQL refuses is the client's mistake: data exceptions (bad JSON, bad
 # Unicode) and program limits (a value too large for an index row).
@@ -89,7 +92,7 @@ class KvStore:
         await self.db.execute_script(f"BEGIN; {_SCHEMA_LOCK}; {_TABLE}; COMMIT".encode())
         rows = await self.db.execute(_INDEX_NAMES, retry=True)
         existing = {v.decode() for v in rows.values if v is not None}
-        wanted = {GIN_INDEX: "USING gin (value)"}
+        wanted = {GIN_INDEX: "USING gin (value)", CREATED_INDEX: "(created_at, key)"}
         wanted.update({index_name(f): f"({field_text(f)})" for f in indexes})
         missing = [
             f"CREATE INDEX IF NOT EXISTS {name} ON kv {how}"
