@@ -232,7 +232,7 @@ def expired_request(now: datetime, limit: int) -> StoreRequest:
     """The query of the backstop: live envelopes whose deadline has passed."""
     return query_request(
         prefix=KEY_PREFIX,
-        filter={"deadline_at": {"$lt": format_time(now)}, "status": {"$in": list(LIVE_STATUSES)}},
+        filter={"deadline_at": {"$lte": format_time(now)}, "status": {"$in": list(LIVE_STATUSES)}},
         sort=("deadline_at",),
         limit=limit,
     )

@@ -138,6 +138,9 @@ async def test_expired(store: Store) -> None:
     for envelope in (soon, later, never, done):
         await store.create(envelope)
     await store.update(done.id, StatusEvent(status=Status.SUCCEEDED), T0)
+    assert soon.deadline_at is not None
+    at_deadline = await store.expired(soon.deadline_at, 10)  # "at or before now" expires
+    assert [e.id for e in at_deadline] == [soon.id]
     now = T0 + timedelta(seconds=60)
     assert [e.id for e in await store.expired(now, 10)] == [soon.id]
     await store.update(soon.id, EXPIRE_EVENT, now)

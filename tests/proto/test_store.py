@@ -143,7 +143,7 @@ def test_put_request(if_status: str | None, target: str) -> None:
         (
             expired_request(T0, 50),
             {"prefix": "msg/",
-             "filter": {"deadline_at": {"$lt": STAMP},
+             "filter": {"deadline_at": {"$lte": STAMP},
                         "status": {"$in": ["pending", "running", "paused"]}},
              "sort": ["deadline_at"], "limit": 50},
         ),
