@@ -145,7 +145,7 @@ class Mesh:
             except DispatchUnavailable as exc:
                 reason = f"dispatch to {queue} failed: {exc}"
                 log.warning("envelope %s: %s", envelope.id, reason)
-                await self._apply(
+                await self.apply(
                     envelope.id, StatusEvent(status=Status.FAILED, data={"error": reason})
                 )
                 raise ServiceError(f"queue unavailable: {exc}") from None
@@ -167,7 +167,7 @@ class Mesh:
 
     async def cancel(self, envelope_id: str) -> Outcome:
         """Cancel through the status rules (a terminal envelope is left as it is)."""
-        return await self._apply(envelope_id, CANCEL_EVENT)
+        return await self.apply(envelope_id, CANCEL_EVENT)
 
     async def publish(self, envelope_id: str, body: bytes) -> None:
         """A sidecar event: a status change (stored, then published) or a FLY event.
@@ -179,7 +179,7 @@ class Mesh:
         if isinstance(event, FlyEvent):
             await self.publish_fly(envelope_id, event.data)
         else:
-            await self._apply(envelope_id, event)
+            await self.apply(envelope_id, event)
 
     async def publish_fly(self, envelope_id: str, data: Any) -> None:
         if not self.live.is_live(envelope_id):
@@ -187,10 +187,7 @@ class Mesh:
         self.hub.publish(envelope_id, Published.fly(data))
 
     async def apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
-        """Apply a status event (store, then publish what changed)."""
-        return await self._apply(envelope_id, event)
-
-    async def _apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
+        """Apply a status event (store, then publish what changed); `NotFound` for no such id."""
         outcome = await self.store.update(envelope_id, event, self.clock())
         if outcome is None:
             raise NotFound("envelope not found")

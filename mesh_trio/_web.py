@@ -30,7 +30,6 @@ from mesh_proto import (
     ProtocolError,
     Role,
     Router,
-    check_body_size,
     dumps,
 )
 
@@ -110,9 +109,8 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
         return response
 
     async def body() -> bytes:
-        length = request.content_length
-        if length is not None:
-            check_body_size(length)
+        # Over MAX_CONTENT_LENGTH (by Content-Length or while reading a chunked body), quart
+        # raises a 413 that `http_error` turns into the contract's error body.
         data = await request.get_data(cache=False, as_text=False)
         return data if isinstance(data, bytes) else data.encode()
 
