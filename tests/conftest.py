@@ -53,11 +53,18 @@ def pg_schema() -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_url(pg_schema: str) -> str:
-    """A URL whose search path is the session's schema, with the kv table emptied."""
+def app_name(pg_schema: str) -> str:
+    """The application_name of this test's state-proxy connections: what fault tests may kill."""
+    return f"asya-test-{pg_schema}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def pg_url(pg_schema: str, app_name: str) -> str:
+    """A URL whose search path is the session's schema (kv table emptied) and whose
+    application_name is this test's own."""
     with psycopg.connect(PG_URL, autocommit=True) as admin:
         admin.execute(f"DROP TABLE IF EXISTS {pg_schema}.kv")
-    return f"{PG_URL}?options=-csearch_path%3D{pg_schema}"
+    return f"{PG_URL}?options=-csearch_path%3D{pg_schema}&application_name={app_name}"
 
 
 @pytest.fixture

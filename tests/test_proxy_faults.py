@@ -95,7 +95,7 @@ async def post_until_accepted(mesh: MeshClient, envelope_id: str, status: str) -
 
 
 async def test_postgres_connections_terminated_under_load(
-    nursery: trio.Nursery, pg_url: str, short_dir: str
+    nursery: trio.Nursery, pg_url: str, app_name: str, short_dir: str
 ) -> None:
     path = os.path.join(short_dir, "proxy.sock")
     await nursery.start(partial(serve_state_proxy, path, pg_url))
@@ -109,9 +109,11 @@ async def test_postgres_connections_terminated_under_load(
     async def killer() -> None:
         while not done.is_set():
             with psycopg.connect(pg_url.split("?")[0], autocommit=True) as admin:
+                # Only this test's proxy: other programs may use the same server.
                 admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = 'asya-state-proxy' AND pid <> pg_backend_pid()"
+                    " WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (app_name,),
                 )
             await trio.sleep(0.05)
 
