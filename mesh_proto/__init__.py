@@ -54,6 +54,9 @@ from ._status import (
     apply_event,
 )
 from ._store import (
+    FEATURES_HEADER,
+    MAX_ATTEMPTS,
+    REV_GUARD,
     StoreReply,
     StoreRequest,
     check_delete,
@@ -78,10 +81,13 @@ __all__ = [
     "ALIASES",
     "CANCEL_EVENT",
     "EXPIRE_EVENT",
+    "FEATURES_HEADER",
     "GATEWAY_HEADER",
     "KEEPALIVE",
+    "MAX_ATTEMPTS",
     "MAX_BODY",
     "RANK",
+    "REV_GUARD",
     "ROUTES",
     "RULES",
     "TERMINAL",

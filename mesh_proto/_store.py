@@ -18,7 +18,14 @@ the same logic and gets the same guarantees::
             return done.value
 
 `update_status` is the conditional update: read, decide with the status table, write with
-`if_status=<the status read>`, and on 409 (someone else wrote first) read again.
+`if_status=<the status read>&if_rev=<the revision read>`, and on 409 (someone else wrote first)
+read again. Our state proxy honours both guards, so any concurrent write, status or data, makes
+the loser re-read and decide again: no merged key is ever lost. A proxy without the revision
+guard (the Go one ignores unknown parameters) still honours `if_status`, which keeps the status
+monotonic. Whether a proxy guards revisions is what its health reply says
+(`FEATURES_HEADER`, see `check_health`); only then may a runtime pass the envelope it last
+wrote as `known`, which saves the read in the common case: a stale `known` only costs a 409 and
+a read.
 """
 
 from __future__ import annotations
@@ -33,12 +40,17 @@ import attrs
 from ._envelope import KEY_PREFIX, Envelope, envelope_key
 from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocolError
 from ._json import dumps, loads
-from ._status import TERMINAL, Ignored, Outcome, Status, StatusEvent, apply_event
+from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
 
-# A conditional update loses a race only when another writer changed the envelope in between;
-# every lost race is progress for someone, so a small bound is plenty.
-MAX_ATTEMPTS: Final = 16
+# A conditional update loses a race only when another writer changed the envelope in between,
+# and every lost race is progress for someone: with N writers racing on one envelope the last
+# one wins by its N-th attempt. The bound is well above the writers one envelope sees at once.
+MAX_ATTEMPTS: Final = 64
+# The health reply's header listing what the proxy supports beyond the Asya protocol, and the
+# feature name of the revision guard (`PUT /keys/{key}?if_rev=N`).
+FEATURES_HEADER: Final = "asya-state-proxy-features"
+REV_GUARD: Final = "if_rev"
 JSON_HEADERS: Final = (("content-type", "application/json"),)
 LIVE_STATUSES: Final = tuple(s.value for s in Status if s not in TERMINAL)
 
@@ -53,8 +65,11 @@ class StoreRequest:
 
 @attrs.frozen(kw_only=True)
 class StoreReply:
+    """A proxy's reply; `headers` (lower-case names) only where a reader needs them."""
+
     status: int
     body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def key_target(key: str, **params: str) -> str:
@@ -78,8 +93,13 @@ def get_request(key: str) -> StoreRequest:
     return StoreRequest(method="GET", target=key_target(key))
 
 
-def put_request(key: str, value: Any, *, if_status: str | None = None) -> StoreRequest:
+def put_request(
+    key: str, value: Any, *, if_status: str | None = None, if_rev: int | None = None
+) -> StoreRequest:
+    """`PUT /keys/{key}`, optionally guarded by the stored status and/or revision."""
     params = {"if_status": if_status} if if_status is not None else {}
+    if if_rev is not None:
+        params["if_rev"] = str(if_rev)
     return StoreRequest(
         method="PUT", target=key_target(key, **params), headers=JSON_HEADERS, body=dumps(value)
     )
@@ -118,9 +138,16 @@ def _fail(reply: StoreReply, what: str) -> ProtocolError:
     return StoreProtocolError(f"unexpected state proxy reply to {what}: {reply.status} {detail}")
 
 
-def check_health(reply: StoreReply) -> None:
+def check_health(reply: StoreReply) -> frozenset[str]:
+    """The features the proxy advertises (empty for a plain Asya proxy such as the Go one).
+
+    Raises:
+        ServiceError, StoreProtocolError: the proxy is not healthy.
+    """
     if reply.status != 200:
         raise _fail(reply, "health")
+    listed = ",".join(value for name, value in reply.headers if name == FEATURES_HEADER)
+    return frozenset(filter(None, (feature.strip() for feature in listed.split(","))))
 
 
 def read_row(envelope_id: str, row: Any) -> Envelope:
@@ -193,9 +220,15 @@ def create_envelope(envelope: Envelope) -> Generator[StoreRequest, StoreReply, N
 
 
 def update_status(
-    envelope_id: str, event: StatusEvent, now: datetime
+    envelope_id: str, event: StatusEvent, now: datetime, *, known: Envelope | None = None
 ) -> Generator[StoreRequest, StoreReply, Outcome | None]:
     """The conditional update. Returns the outcome, or None if the envelope does not exist.
+
+    Args:
+        known: the envelope as this runtime last wrote or read it, used instead of a first
+            read. Only for a proxy with the revision guard (`REV_GUARD`): without it a stale
+            `known` could overwrite merged data. An event that `known` would ignore is decided
+            again on a fresh read, so an `Ignored` outcome always carries the stored envelope.
 
     Raises:
         ServiceError: the state proxy is unavailable, or MAX_ATTEMPTS writes in a row lost
@@ -203,16 +236,26 @@ def update_status(
         StoreProtocolError: the state proxy answered outside the protocol.
     """
     key = envelope_key(envelope_id)
+    envelope = known
     for _ in range(MAX_ATTEMPTS):
-        envelope = read_envelope(envelope_id, (yield get_request(key)))
+        read = envelope is None
         if envelope is None:
-            return None
+            envelope = read_envelope(envelope_id, (yield get_request(key)))
+            if envelope is None:
+                return None
         outcome = apply_event(envelope, event, now)
-        if isinstance(outcome, Ignored):
+        if isinstance(outcome, Applied):
+            reply = yield put_request(
+                key,
+                outcome.envelope.to_value(),
+                if_status=envelope.status,
+                if_rev=envelope.revision,
+            )
+            if check_write(reply):
+                return outcome
+        elif read:
             return outcome
-        reply = yield put_request(key, outcome.envelope.to_value(), if_status=envelope.status)
-        if check_write(reply):
-            return outcome
+        envelope = None
     raise ServiceError(f"envelope {envelope_id} is changing too fast: update not applied")
 
 

@@ -18,12 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh_proto import (
+    FEATURES_HEADER,
     RANK,
+    REV_GUARD,
     RULES,
     TERMINAL,
     Applied,
     Envelope,
     Ignored,
+    Outcome,
     PayloadTooLarge,
     Published,
     Rule,
@@ -181,7 +184,7 @@ RUNNING_4 = Envelope(
 )  # fmt: skip
 def test_check_health(status: int, raised: type[Exception] | None) -> None:
     if raised is None:
-        check_health(reply(status, b"ok"))
+        assert check_health(reply(status, b"ok")) == frozenset()
     else:
         with pytest.raises(raised) as caught:
             check_health(reply(status, b"down"))
@@ -363,6 +366,7 @@ class FakeKV:
     log: list[StoreRequest] = attrs.field(factory=list)
     history: list[Status] = attrs.field(factory=list)
     before: Intervention | None = None
+    rev_guard: bool = True  # our proxy; False: a proxy that ignores `if_rev` (the Go one)
 
     def write(self, key: str, value: Any) -> None:
         self.values[key] = value
@@ -375,7 +379,9 @@ class FakeKV:
         url = urlsplit(request.target)
         assert url.path.startswith("/keys/") and "/" not in url.path[6:], "one segment"
         key = unquote(url.path[6:])
-        condition = dict(parse_qsl(url.query)).get("if_status")
+        params = dict(parse_qsl(url.query))
+        condition = params.get("if_status")
+        rev = params.get("if_rev") if self.rev_guard else None
         stored = self.values.get(key)
         if request.method == "GET":
             if stored is None:
@@ -384,6 +390,8 @@ class FakeKV:
         assert request.method == "PUT"
         assert request.headers == JSON
         if condition is not None and (stored is None or stored["status"] != condition):
+            return StoreReply(status=409, body=b"condition failed")
+        if rev is not None and (stored is None or stored.get("_rev", 0) != int(rev)):
             return StoreReply(status=409, body=b"condition failed")
         self.write(key, json.loads(request.body))
         return StoreReply(status=204)
@@ -456,7 +464,7 @@ def test_update_writes_only_if_the_status_is_still_the_one_read() -> None:
     assert kv.log[1:] == [
         StoreRequest(
             method="PUT",
-            target=f"/keys/msg%2F{ID}?if_status=running",
+            target=f"/keys/msg%2F{ID}?if_status=running&if_rev=2",
             headers=JSON,
             body=b'{"actor":"echo","n":1,"r":9,"status":"succeeded","_rev":3}',
         )
@@ -495,11 +503,11 @@ def test_update_retries_after_losing_a_race() -> None:
     # ours: GET, PUT (409); theirs inside: GET, PUT; ours again: GET, PUT.
     assert puts(kv) == [
         "GET ",
-        "PUT if_status=running",
+        "PUT if_status=running&if_rev=1",
         "GET ",
-        "PUT if_status=running",
+        "PUT if_status=running&if_rev=1",
         "GET ",
-        "PUT if_status=paused",
+        "PUT if_status=paused&if_rev=2",
     ]
     assert kv.history == [Status.RUNNING, Status.PAUSED, Status.SUCCEEDED]
     stored = kv.envelope()
@@ -525,7 +533,102 @@ def test_update_of_an_envelope_deleted_meanwhile_is_none() -> None:
 
     kv.before = delete
     assert drive(update_status(ID, StatusEvent(status=Status.PAUSED), T0), kv) is None
-    assert puts(kv) == ["GET ", "PUT if_status=running", "GET "]
+    assert puts(kv) == ["GET ", "PUT if_status=running&if_rev=0", "GET "]
+
+
+@pytest.mark.parametrize(
+    ("headers", "features"),
+    [
+        ((), set()),
+        ((("asya-state-proxy-features", "if_rev"),), {"if_rev"}),
+        ((("asya-state-proxy-features", " if_rev , watch,"),), {"if_rev", "watch"}),
+        ((("asya-state-proxy-features", "a"), ("asya-state-proxy-features", "b")), {"a", "b"}),
+        ((("server", "if_rev"),), set()),
+    ],
+    ids=["none", "one", "spaces", "repeated", "other-header"],
+)
+def test_check_health_reads_the_features(
+    headers: tuple[tuple[str, str], ...], features: set[str]
+) -> None:
+    assert check_health(StoreReply(status=200, body=b"ok", headers=headers)) == features
+    assert FEATURES_HEADER == "asya-state-proxy-features" and REV_GUARD == "if_rev"
+
+
+def test_put_request_with_both_guards() -> None:
+    request = put_request("k", {}, if_status="running", if_rev=7)
+    assert request.target == "/keys/k?if_status=running&if_rev=7"
+    assert put_request("k", {}, if_rev=0).target == "/keys/k?if_rev=0"
+
+
+def progress(key: str) -> StatusEvent:
+    return StatusEvent(status=Status.RUNNING, data={key: True})
+
+
+def interleave(kv: FakeKV, events: list[StatusEvent]) -> list[Outcome | None]:
+    """Run one update per event, request by request in turn: every GET before any PUT."""
+    procs = [update_status(ID, event, T0) for event in events]
+    waiting = {i: next(proc) for i, proc in enumerate(procs)}
+    results: dict[int, Outcome | None] = {}
+    while waiting:
+        for i in sorted(waiting):
+            try:
+                waiting[i] = procs[i].send(kv(waiting[i]))
+            except StopIteration as done:
+                del waiting[i]
+                results[i] = done.value
+    return [results[i] for i in range(len(events))]
+
+
+def test_racing_progress_updates_keep_every_key() -> None:
+    kv = seeded(Status.RUNNING, {"actor": "echo"})
+    keys = [f"k{i}" for i in range(20)]
+    outcomes = interleave(kv, [progress(key) for key in keys])
+    assert all(isinstance(o, Applied) for o in outcomes)
+    stored = kv.envelope()
+    assert stored is not None
+    assert set(keys) <= set(stored.data) and stored.revision == 20
+
+
+def test_without_the_revision_guard_racing_progress_updates_lose_keys() -> None:
+    """What `if_status` alone allows (the Go proxy): why the revision guard exists."""
+    kv = seeded(Status.RUNNING, {"actor": "echo"})
+    kv.rev_guard = False
+    interleave(kv, [progress("a"), progress("b")])
+    stored = kv.envelope()
+    assert stored is not None and not {"a", "b"} <= set(stored.data)
+
+
+def test_a_known_envelope_saves_the_read() -> None:
+    kv = seeded(Status.RUNNING, {"actor": "echo"}, revision=4)
+    outcome = drive(update_status(ID, progress("a"), T0, known=RUNNING_4), kv)
+    assert isinstance(outcome, Applied) and outcome.envelope.revision == 5
+    assert puts(kv) == ["PUT if_status=running&if_rev=4"]
+    stored = kv.envelope()
+    assert stored is not None and stored.data == {"actor": "echo", "a": True}
+
+
+def test_a_stale_known_envelope_costs_a_conflict_and_a_read() -> None:
+    kv = seeded(Status.RUNNING, {"actor": "echo", "theirs": 1}, revision=5)
+    outcome = drive(update_status(ID, progress("a"), T0, known=RUNNING_4), kv)
+    assert isinstance(outcome, Applied)
+    assert puts(kv) == ["PUT if_status=running&if_rev=4", "GET ", "PUT if_status=running&if_rev=5"]
+    stored = kv.envelope()
+    assert stored is not None and stored.data == {"actor": "echo", "theirs": 1, "a": True}
+
+
+def test_an_event_the_known_envelope_ignores_is_decided_on_a_read() -> None:
+    kv = seeded(Status.SUCCEEDED, {"actor": "echo", "result": 1}, revision=6)
+    known = attrs.evolve(RUNNING_4, status=Status.SUCCEEDED)
+    outcome = drive(update_status(ID, progress("a"), T0, known=known), kv)
+    assert isinstance(outcome, Ignored)
+    assert outcome.envelope.revision == 6 and outcome.envelope.data["result"] == 1
+    assert puts(kv) == ["GET "]
+
+
+def test_a_known_envelope_deleted_since_is_none() -> None:
+    kv = FakeKV()
+    assert drive(update_status(ID, progress("a"), T0, known=RUNNING_4), kv) is None
+    assert puts(kv) == ["PUT if_status=running&if_rev=4", "GET "]
 
 
 def test_update_gives_up_after_max_attempts() -> None:
@@ -544,7 +647,7 @@ def test_update_gives_up_after_max_attempts() -> None:
         drive(update_status(ID, StatusEvent(status=Status.PAUSED), T0), kv)
     assert type(caught.value) is ServiceError
     assert caught.value.message == f"envelope {ID} is changing too fast: update not applied"
-    assert len(kv.log) == 2 * MAX_ATTEMPTS == 32
+    assert len(kv.log) == 2 * MAX_ATTEMPTS == 128
 
 
 @pytest.mark.parametrize(
@@ -642,6 +745,7 @@ def test_update_status_keeps_the_store_monotonic(
         for get, put in zip(requests[::2], requests[1::2], strict=False):
             assert get.method == "GET" and put.method == "PUT"
             assert "?if_status=" in put.target, "never an unguarded read-modify-write"
+            assert "&if_rev=" in put.target
         if outcome is None:
             assert envelope_key(ID) not in kv.values
         elif isinstance(outcome, Ignored):
