@@ -85,11 +85,15 @@ class StatusEvent:
     """A status change reported for an envelope (already validated and normalised).
 
     `data` is merged shallowly into the stored data; a `status` key in it is never merged,
-    since the stored status is the table's to decide.
+    since the stored status is the table's to decide. Keys in `keep_highest` never go down:
+    where both the stored and the incoming value are numbers, the larger one is merged. It is
+    decided on the very version the write replaces, so racing reports cannot lower it (the
+    legacy `/progress` route uses it for `progress_percent`).
     """
 
     status: Status
     data: Mapping[str, Any] = attrs.field(factory=dict)
+    keep_highest: frozenset[str] = frozenset()
 
 
 CANCEL_EVENT: Final = StatusEvent(status=Status.CANCELED)
@@ -124,6 +128,10 @@ class Ignored:
 Outcome = Applied | Ignored
 
 
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
 def apply_event(envelope: Envelope, event: StatusEvent, now: datetime) -> Outcome:
     """Apply a status event to a stored envelope under the rules table.
 
@@ -134,6 +142,10 @@ def apply_event(envelope: Envelope, event: StatusEvent, now: datetime) -> Outcom
     if rule is Rule.IGNORED:
         return Ignored(envelope=envelope, event=event)
     delta = {k: v for k, v in event.data.items() if k not in _RESERVED}
+    for key in event.keep_highest & delta.keys():
+        stored, incoming = envelope.data.get(key), delta[key]
+        if _number(stored) and _number(incoming) and stored > incoming:
+            delta[key] = stored
     updated = attrs.evolve(
         envelope,
         status=event.status,

@@ -2,7 +2,15 @@
 
 Every operation is a `mesh_proto` procedure (a generator of `StoreRequest`s) driven here over
 a keep-alive connection pool, so status updates get the core's conditional-update guarantee:
-read, decide with the status table, `PUT ?if_status=<read status>`, re-read on 409.
+read, decide with the status table, `PUT ?if_status=<read status>&if_rev=<read revision>`,
+re-read on 409.
+
+When the proxy's health reply lists the revision guard (ours does; the Go proxy does not), the
+store keeps the last envelope it wrote or read of each live envelope (`EnvelopeCache`, bounded by
+count and bytes) and hands it to the update as `known`: a status event then costs one round trip
+(the guarded PUT) instead of two. A stale entry (another replica wrote since) only costs a 409
+and a read. Without the guard nothing is cached, since `if_status` alone could not catch a stale
+copy's lost merge. The features are learned on the first update and on every ping (`/ready`).
 
 Faults map to `ServiceError` (503 to the client) within the pool's timeout: the socket missing
 or the proxy down, a reply cut short, a 5xx from the proxy. A write whose request may have
@@ -11,6 +19,7 @@ reached the proxy is never re-sent.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -19,6 +28,8 @@ from typing import TypeVar
 import attrs
 
 from mesh_proto import (
+    REV_GUARD,
+    Applied,
     Envelope,
     Outcome,
     ServiceError,
@@ -30,6 +41,7 @@ from mesh_proto import (
     check_health,
     create_envelope,
     delete_request,
+    dumps,
     envelope_key,
     expired_request,
     get_request,
@@ -44,12 +56,74 @@ from ._client import ConnectError, ExchangeError, HttpPool, unix_opener
 
 T = TypeVar("T")
 
+# Defaults of the envelope cache: enough for the live envelopes of a busy replica, bounded in
+# bytes because a payload may be up to the 10 MiB body limit.
+CACHE_ENTRIES = 10_000
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class CacheStatistics:
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+
+
+@attrs.define(eq=False)
+class EnvelopeCache:
+    """The last known version of live envelopes, least recently used first out.
+
+    Each entry is charged the size of the stored value it came from (the body last sent or
+    received), so the cache holds at most `max_bytes` of envelopes; one larger than an eighth of
+    that is not kept at all. Terminal envelopes are dropped: nothing writes them again.
+    """
+
+    max_entries: int = CACHE_ENTRIES
+    max_bytes: int = CACHE_BYTES
+    _entries: OrderedDict[str, tuple[Envelope, int]] = attrs.field(factory=OrderedDict)
+    _bytes: int = 0
+    _hits: int = 0
+    _misses: int = 0
+
+    def get(self, envelope_id: str) -> Envelope | None:
+        entry = self._entries.get(envelope_id)
+        if entry is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        self._entries.move_to_end(envelope_id)
+        return entry[0]
+
+    def put(self, envelope: Envelope, size: int) -> None:
+        self.discard(envelope.id)
+        if envelope.terminal or size > self.max_bytes // 8:
+            return
+        self._entries[envelope.id] = (envelope, size)
+        self._bytes += size
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
+
+    def discard(self, envelope_id: str) -> None:
+        entry = self._entries.pop(envelope_id, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(
+            entries=len(self._entries), bytes=self._bytes, hits=self._hits, misses=self._misses
+        )
+
 
 @attrs.define(eq=False)
 class ProxyStore:
     pool: HttpPool
+    cache: EnvelopeCache = attrs.field(factory=EnvelopeCache)
+    # What the proxy's health reply listed; None until it has answered one.
+    features: frozenset[str] | None = None
 
-    async def _send(self, request: StoreRequest) -> StoreReply:
+    async def _send(self, request: StoreRequest, *, headers: bool = False) -> StoreReply:
         try:
             reply = await self.pool.request(
                 request.method, request.target, body=request.body, headers=request.headers
@@ -58,30 +132,62 @@ class ProxyStore:
             raise ServiceError(f"state proxy unreachable: {exc}") from None
         except ExchangeError as exc:
             raise ServiceError(f"state proxy request failed: {exc}") from None
+        if headers:  # only where a reader needs them (the health reply's features)
+            named = tuple((bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
+                          for k, v in reply.headers)  # fmt: skip
+            return StoreReply(status=reply.status, body=reply.body, headers=named)
         return StoreReply(status=reply.status, body=reply.body)
 
-    async def _drive(self, procedure: Generator[StoreRequest, StoreReply, T]) -> T:
+    async def _drive(
+        self, procedure: Generator[StoreRequest, StoreReply, T]
+    ) -> tuple[T, StoreRequest]:
+        """Run a procedure; returns its result and the last request it made."""
         request = next(procedure)
         while True:
             reply = await self._send(request)
             try:
-                request = procedure.send(reply)
+                next_request = procedure.send(reply)
             except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+                return done.value, request
+            request = next_request
+
+    @property
+    def _caching(self) -> bool:
+        return self.features is not None and REV_GUARD in self.features
 
     async def ping(self) -> None:
-        check_health(await self._send(health_request()))
+        self.features = check_health(await self._send(health_request(), headers=True))
 
     async def create(self, envelope: Envelope) -> None:
-        await self._drive(create_envelope(envelope))
+        _, put = await self._drive(create_envelope(envelope))
+        if self._caching:
+            self.cache.put(envelope, len(put.body))
 
     async def get(self, envelope_id: str) -> Envelope | None:
-        return read_envelope(envelope_id, await self._send(get_request(envelope_key(envelope_id))))
+        reply = await self._send(get_request(envelope_key(envelope_id)))
+        envelope = read_envelope(envelope_id, reply)
+        if envelope is None:
+            self.cache.discard(envelope_id)
+        elif self._caching:
+            self.cache.put(envelope, len(reply.body))
+        return envelope
 
     async def update(self, envelope_id: str, event: StatusEvent, now: datetime) -> Outcome | None:
-        return await self._drive(update_status(envelope_id, event, now))
+        if self.features is None:
+            await self.ping()
+        known = self.cache.get(envelope_id) if self._caching else None
+        outcome, last = await self._drive(update_status(envelope_id, event, now, known=known))
+        if outcome is None:
+            self.cache.discard(envelope_id)
+        elif self._caching:
+            # The last request was the PUT that stored `outcome.envelope`, or (Ignored) the GET
+            # that read it; either way the cache is charged about the value's size.
+            size = len(last.body) if isinstance(outcome, Applied) else 0
+            self.cache.put(outcome.envelope, size or len(dumps(outcome.envelope.to_value())))
+        return outcome
 
     async def delete(self, envelope_id: str) -> bool:
+        self.cache.discard(envelope_id)
         return check_delete(await self._send(delete_request(envelope_key(envelope_id))))
 
     async def list(

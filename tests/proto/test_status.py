@@ -275,3 +275,26 @@ def test_sequences_never_lower_the_rank_or_leave_a_terminal(
         assert after.updated_at > current.updated_at
         assert after.data == expected_data
         current = after
+
+
+@pytest.mark.parametrize(
+    ("stored", "incoming", "merged"),
+    [
+        (50.0, 55.0, 55.0),
+        (55.0, 50.0, 55.0),
+        (55, 50.5, 55),
+        (None, 20.0, 20.0),
+        ("high", 20.0, 20.0),
+        (True, 0.5, 0.5),
+        (50.0, "low", "low"),
+    ],
+    ids=["rises", "never-lowers", "int-stored", "none-stored", "text-stored", "bool-stored",
+         "text-incoming"],
+)  # fmt: skip
+def test_keep_highest_keys_never_go_down(stored: Any, incoming: Any, merged: Any) -> None:
+    data = {"actor": "echo"} if stored is None else {"actor": "echo", "p": stored}
+    event = StatusEvent(status=R, data={"p": incoming, "q": 1}, keep_highest=frozenset({"p", "x"}))
+    outcome = apply_event(envelope(R, data), event, later(1))
+    assert isinstance(outcome, Applied)
+    assert outcome.envelope.data["p"] == merged and outcome.event.data == {"p": merged, "q": 1}
+    assert "x" not in outcome.envelope.data
