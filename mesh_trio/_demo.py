@@ -9,10 +9,17 @@ gives a mesh whose envelopes really move.
 - `story`: a three-actor route (`plan` → `write` → `review`) reporting progress at each hop;
   `write` streams the words of `payload.text` (or a default text) as FLY `{"token": ...}`
   events, `payload.delay` seconds apart (default 0.05).
+
+Like a real sidecar, a post that fails for want of the mesh API (503, or a connection error) is
+retried with a short, growing backoff for up to `RETRY_FOR` seconds; then the actor logs it once
+and drops the envelope, which the backstop fails at its deadline. A status event is re-posted
+even when the first try may have been applied (the status table ignores a repeat); a FLY token
+only when it cannot have been (a repeat would show the token twice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -21,7 +28,7 @@ import trio
 
 from mesh_proto import dumps, queue_name
 
-from ._client import HttpPool, tcp_opener
+from ._client import ConnectError, ExchangeError, HttpPool
 from ._dispatch import MemoryQueues
 
 log = logging.getLogger("mesh_trio.demo")
@@ -31,19 +38,59 @@ ROUTE = ("plan", "write", "review")
 DEFAULT_TEXT = "Envelopes travel the mesh one actor at a time, and every token arrives live."
 
 
+RETRY_FOR = 10.0  # seconds a sidecar keeps re-posting one event
+_BACKOFF = (0.05, 1.0)  # first and longest pause between tries
+
+
+class _Unreachable(Exception):
+    """A post still failed after `RETRY_FOR` seconds; already logged."""
+
+
 class _Sidecar:
     """Posts events for one envelope to the internal port."""
 
     def __init__(self, pool: HttpPool, prefix: str, envelope_id: str) -> None:
         self.pool = pool
+        self.envelope_id = envelope_id
         self.target = f"{prefix}/mesh/{envelope_id}/events"
 
     async def post(self, event: dict[str, Any]) -> None:
-        reply = await self.pool.request(
-            "POST", self.target, body=dumps(event), headers=(("content-type", "application/json"),)
-        )
-        if reply.status != 204:
-            log.warning("demo event refused: %s %s", reply.status, reply.body[:200])
+        """Post `event`, retrying as a sidecar does (see the module comment).
+
+        Raises:
+            _Unreachable: the mesh API did not take it within `RETRY_FOR` seconds (logged).
+        """
+        retry_after_sent = event.get("type") == "status"
+        pause, longest = _BACKOFF
+        deadline = trio.current_time() + RETRY_FOR
+        while True:
+            try:
+                reply = await self.pool.request(
+                    "POST",
+                    self.target,
+                    body=dumps(event),
+                    headers=(("content-type", "application/json"),),
+                )
+            except ConnectError as exc:
+                failure = str(exc)
+            except ExchangeError as exc:
+                if not retry_after_sent:
+                    log.warning("demo event for %s lost: %s", self.envelope_id, exc)
+                    raise _Unreachable from None
+                failure = str(exc)
+            else:
+                if reply.status != 503:
+                    if reply.status != 204:
+                        log.warning("demo event refused: %s %s", reply.status, reply.body[:200])
+                    return
+                failure = f"503 {reply.body[:200]!r}"
+            if trio.current_time() + pause > deadline:
+                log.warning(
+                    "demo event for %s not taken in %gs: %s", self.envelope_id, RETRY_FOR, failure
+                )
+                raise _Unreachable
+            await trio.sleep(pause)
+            pause = min(pause * 2, longest)
 
     async def status(self, status: str, data: dict[str, Any]) -> None:
         await self.post({"type": "status", "status": status, "data": data})
@@ -76,17 +123,18 @@ async def _handle(pool: HttpPool, prefix: str, actor: str, raw: bytes) -> None:
     side = _Sidecar(pool, prefix, message["id"])
     try:
         await (_echo if actor == "echo" else _story)(side, message.get("payload"))
-    except OSError as exc:
-        log.warning("demo actor %s: cannot reach the mesh API: %s", actor, exc)
+    except _Unreachable:
+        pass
     except Exception as exc:
-        await side.status("failed", {"error": f"demo actor {actor}: {exc}"})
+        with contextlib.suppress(_Unreachable):
+            await side.status("failed", {"error": f"demo actor {actor}: {exc}"})
 
 
 async def run_demo_actors(
     queues: MemoryQueues, *, namespace: str, internal_port: int, prefix: str
 ) -> None:
     """Consume the demo actors' queues until cancelled."""
-    pool = HttpPool(tcp_opener("127.0.0.1", internal_port), host=f"127.0.0.1:{internal_port}")
+    pool = HttpPool.tcp("127.0.0.1", internal_port)
     limiter = trio.Semaphore(64)
 
     async def consume(actor: str, nursery: trio.Nursery) -> None:

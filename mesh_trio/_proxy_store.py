@@ -52,7 +52,7 @@ from mesh_proto import (
     update_status,
 )
 
-from ._client import ConnectError, ExchangeError, HttpPool, unix_opener
+from ._client import ConnectError, ExchangeError, HttpPool
 
 T = TypeVar("T")
 
@@ -205,7 +205,7 @@ class ProxyStore:
 async def open_proxy_store(
     socket_path: str, *, timeout: float = 5.0, connections: int = 32
 ) -> AsyncIterator[ProxyStore]:
-    pool = HttpPool(unix_opener(socket_path), host="state-proxy", size=connections, timeout=timeout)
+    pool = HttpPool.unix(socket_path, host="state-proxy", size=connections, timeout=timeout)
     try:
         yield ProxyStore(pool)
     finally:

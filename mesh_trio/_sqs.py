@@ -1,15 +1,14 @@
-"""The SQS transport of the dispatch seam, on plain trio sockets, h11 and our own SigV4.
+"""The SQS transport of the dispatch seam, on the mesh API's HTTP client and our own SigV4.
 
 How it works, bottom up:
 
 - `sign_v4` is pure: method, path, query, headers, payload and a clock value in, the headers that
   make an AWS Signature Version 4 request out (`X-Amz-Date`, `X-Amz-Security-Token`,
   `Authorization`). It is checked against AWS's published examples in the tests.
-- `_Pool` holds keep-alive HTTP/1.1 connections to the one SQS endpoint (TCP, or TLS for
-  `https`), at most `max_connections` at a time. A request takes an idle connection (dropping
-  ones the server closed while they sat idle) or opens one, writes the whole request in one
-  `send_all`, and reads the reply with h11. A connection goes back to the pool only when both
-  sides finished the exchange cleanly; on any error it is closed.
+- `HttpPool` (`mesh_trio._client`, httpcore underneath) holds keep-alive HTTP/1.1 connections
+  to the one SQS endpoint (TCP, or TLS for `https`), at most `max_connections` at a time. An
+  idle connection is reused unless the server closed it meanwhile or it sat idle for
+  `_IDLE_LIMIT`; on any error or cancellation the connection is closed.
 - `SqsDispatcher` speaks the SQS JSON protocol (`POST /`, `Content-Type:
   application/x-amz-json-1.0`, `X-Amz-Target: AmazonSQS.<Action>`): `send(queue, body)` looks
   the queue URL up once (`GetQueueUrl`, cached on success, one lookup in flight per name) and
@@ -19,10 +18,11 @@ Failures map onto the two the HTTP contract knows. A missing queue is `ActorNotF
 that stops SQS from taking the message (refused or lost connection, timeout, 5xx, throttling,
 credentials refused) is `DispatchUnavailable`, with the reason in its text. A message is never
 written twice for one `send`: once a `SendMessage` request was fully written, a lost reply is
-reported, not retried. Before that point (a pooled connection found dead while writing) the
-request goes out once more on a fresh connection. The one other repeat is the missing-queue
-path: when `SendMessage` to a cached URL says the queue does not exist (so nothing was
-enqueued), the cache entry is dropped, the URL looked up again, and the message sent once more.
+reported, not retried. Before that point (connecting failed, or a pooled connection found dead while
+writing) the request goes out once more on a fresh connection (the client's retry rule). The one
+other repeat is the missing-queue path: when `SendMessage` to a cached URL says the queue does not
+exist (so nothing was enqueued), the cache entry is dropped, the URL looked up again, and the
+message sent once more.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import hmac
 import json
 import os
 import re
-import select
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -41,9 +40,9 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import attrs
-import h11
 import trio
 
+from ._client import ConnectError, ExchangeError, HttpPool, HttpReply
 from ._dispatch import ActorNotFound, DispatchUnavailable
 
 __all__ = [
@@ -61,7 +60,6 @@ _JSON_CONTENT_TYPE = "application/x-amz-json-1.0"
 _USER_AGENT = "asya-mesh-api-trio"
 # A SQS reply is a few hundred bytes; anything far bigger is not SQS talking.
 _MAX_REPLY_BYTES = 1 << 20
-_READ_SIZE = 65536
 # Keep an idle connection at most this long: AWS front ends drop idle ones after about a minute,
 # and a connection the server already dropped would cost a failed write before the retry.
 _IDLE_LIMIT = 20.0
@@ -279,232 +277,6 @@ def sign_v4(
     return [*added, ("Authorization", authorization)]
 
 
-# -- HTTP/1.1 connection pool ------------------------------------------------------------------
-
-
-class _ExchangeFailed(Exception):
-    """One request/reply exchange broke off.
-
-    `written` says whether the whole request reached the socket: past that point the server may
-    have acted on it, so the request must not go out again.
-    """
-
-    def __init__(self, reason: str, *, written: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.written = written
-
-
-def _describe(exc: BaseException) -> str:
-    """Name the root of an I/O error.
-
-    trio wraps TLS and socket errors in `BrokenResourceError`, and a failed connect carries the
-    error of each address tried in an exception group; the first root says what went wrong.
-    """
-    while True:
-        if exc.__cause__ is not None:
-            exc = exc.__cause__
-        elif isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        else:
-            break
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-@attrs.frozen(kw_only=True)
-class _Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-@attrs.define(eq=False)
-class _Connection:
-    stream: trio.abc.Stream
-    socket: trio.socket.SocketType
-    http: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
-    idle_since: float = 0.0
-
-    def looks_alive(self) -> bool:
-        """False when an idle connection has something to read: EOF, or bytes nobody asked for.
-
-        A zero-timeout `poll` never blocks; it only asks the kernel whether the server closed
-        (or wrote on) the connection while it sat in the pool. (`poll`, not `select`: a busy
-        server has file descriptors past `select`'s limit of 1024.)
-        """
-        try:
-            poller = select.poll()
-            poller.register(self.socket.fileno(), select.POLLIN)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    assert isinstance(stream, trio.SocketStream)
-    return stream.socket
-
-
-@attrs.define(eq=False)
-class _Pool:
-    """Keep-alive HTTP/1.1 connections to one host, at most `max_connections` in use at once."""
-
-    host: str
-    port: int
-    ssl_context: ssl.SSLContext | None
-    max_connections: int
-    _limiter: trio.CapacityLimiter = attrs.field(init=False)
-    _idle: list[_Connection] = attrs.field(init=False, factory=list)
-    _closed: bool = attrs.field(init=False, default=False)
-    opened: int = attrs.field(init=False, default=0)
-    requests: int = attrs.field(init=False, default=0)
-
-    def __attrs_post_init__(self) -> None:
-        self._limiter = trio.CapacityLimiter(self.max_connections)
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
-    async def request(
-        self, target: str, headers: list[tuple[str, str]], body: bytes, *, idempotent: bool
-    ) -> _Reply:
-        """POST `body` to `target` and return the reply.
-
-        Tried once on a pooled connection if one is idle, and once more on a fresh connection
-        if the pooled one turned out dead while the request was being written (or at any point,
-        for an `idempotent` request).
-
-        Raises:
-            DispatchUnavailable: No connection could be made or the exchange broke off.
-        """
-        if self._closed:
-            raise DispatchUnavailable("the SQS dispatcher is closed")
-        async with self._limiter:
-            conn = self._take_idle()
-            if conn is not None:
-                try:
-                    return await self._exchange(conn, target, headers, body)
-                except _ExchangeFailed as exc:
-                    if exc.written and not idempotent:
-                        raise self._lost(exc) from exc
-            conn = await self._connect()
-            try:
-                return await self._exchange(conn, target, headers, body)
-            except _ExchangeFailed as exc:
-                raise self._lost(exc) from exc
-
-    def _lost(self, exc: _ExchangeFailed) -> DispatchUnavailable:
-        if exc.written:
-            return DispatchUnavailable(
-                f"connection to SQS lost after the request was sent: {exc.reason}"
-            )
-        return DispatchUnavailable(f"cannot send to SQS at {self.host}:{self.port}: {exc.reason}")
-
-    def _take_idle(self) -> _Connection | None:
-        now = trio.current_time()
-        while self._idle:
-            conn = self._idle.pop()
-            if now - conn.idle_since < _IDLE_LIMIT and conn.looks_alive():
-                return conn
-            conn.socket.close()
-        return None
-
-    async def _connect(self) -> _Connection:
-        where = f"{self.host}:{self.port}"
-        try:
-            stream: trio.abc.Stream
-            if self.ssl_context is None:
-                stream = await trio.open_tcp_stream(self.host, self.port)
-            else:
-                stream = await trio.open_ssl_over_tcp_stream(
-                    self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
-                )
-        except OSError as exc:
-            raise DispatchUnavailable(
-                f"cannot connect to SQS at {where}: {_describe(exc)}"
-            ) from exc
-        self.opened += 1
-        return _Connection(stream=stream, socket=_socket_of(stream))
-
-    async def _exchange(
-        self, conn: _Connection, target: str, headers: list[tuple[str, str]], body: bytes
-    ) -> _Reply:
-        # Any way out but a clean reply (errors, cancellation, timeouts) closes the connection:
-        # its h11 state is unknown, and a late reply must never be read as the next one's.
-        try:
-            reply, reusable = await self._exchange_on(conn, target, headers, body)
-        except BaseException:
-            await trio.aclose_forcefully(conn.stream)
-            raise
-        if reusable and not self._closed:
-            conn.http.start_next_cycle()
-            conn.idle_since = trio.current_time()
-            self._idle.append(conn)
-        else:
-            await trio.aclose_forcefully(conn.stream)
-        return reply
-
-    async def _exchange_on(
-        self, conn: _Connection, target: str, headers: list[tuple[str, str]], body: bytes
-    ) -> tuple[_Reply, bool]:
-        http = conn.http
-        self.requests += 1
-        request = h11.Request(
-            method="POST", target=target, headers=[*headers, ("Content-Length", str(len(body)))]
-        )
-        data = http.send(request) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
-        try:
-            await conn.stream.send_all(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _ExchangeFailed(_describe(exc), written=False) from exc
-
-        response: h11.Response | None = None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                event = http.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _ExchangeFailed(f"bad HTTP reply: {exc}", written=True) from exc
-            if event is h11.NEED_DATA:
-                try:
-                    chunk = await conn.stream.receive_some(_READ_SIZE)
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _ExchangeFailed(_describe(exc), written=True) from exc
-                http.receive_data(bytes(chunk))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > _MAX_REPLY_BYTES:
-                    raise _ExchangeFailed("reply larger than 1 MiB", written=True)
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise _ExchangeFailed("server closed the connection with no reply", written=True)
-            # InformationalResponse (100 Continue) needs nothing from us.
-        assert response is not None
-        reply = _Reply(
-            status=response.status_code,
-            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers},
-            body=b"".join(chunks),
-        )
-        reusable = http.our_state is h11.DONE and http.their_state is h11.DONE
-        return reply, reusable
-
-    async def aclose(self) -> None:
-        """Close the idle connections; ones in use close when their exchange ends."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await trio.aclose_forcefully(conn.stream)
-
-
 # -- the SQS client ----------------------------------------------------------------------------
 
 
@@ -529,8 +301,9 @@ class SqsStatistics:
     messages_sent: int
 
 
-def _error_of(reply: _Reply) -> tuple[str, str]:
+def _error_of(reply: HttpReply) -> tuple[str, str]:
     """Return (code, message) of an error reply, whatever form it came in."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in reply.headers}
     code = ""
     message = ""
     try:
@@ -550,8 +323,8 @@ def _error_of(reply: _Reply) -> tuple[str, str]:
         if match := re.search(r"<Message>([^<]*)</Message>", text):
             message = match.group(1)
     if not code:
-        code = reply.headers.get("x-amzn-errortype", "").partition(":")[0]
-    query_code = reply.headers.get("x-amzn-query-error", "").partition(";")[0]
+        code = headers.get("x-amzn-errortype", "").partition(":")[0]
+    query_code = headers.get("x-amzn-query-error", "").partition(";")[0]
     if query_code in _MISSING_QUEUE_CODES:
         code = query_code if code not in _MISSING_QUEUE_CODES else code
     return code, message[:300]
@@ -572,7 +345,7 @@ class SqsDispatcher:
     endpoint: str
     credentials: Credentials
     timeout: float
-    _pool: _Pool
+    _pool: HttpPool
     _host_header: str
     _path: str
     _urls: dict[str, str] = attrs.field(init=False, factory=dict)
@@ -582,10 +355,11 @@ class SqsDispatcher:
 
     def statistics(self) -> SqsStatistics:
         """Return a snapshot of the counters."""
+        pool = self._pool.statistics()
         return SqsStatistics(
-            connections_opened=self._pool.opened,
-            connections_idle=self._pool.idle,
-            requests=self._pool.requests,
+            connections_opened=pool.connections_opened,
+            connections_idle=pool.connections_idle,
+            requests=pool.requests,
             queue_url_lookups=self._lookups_made,
             queue_urls_cached=len(self._urls),
             messages_sent=self._sent,
@@ -686,7 +460,12 @@ class SqsDispatcher:
         )
         headers = [("Host", self._host_header), ("User-Agent", _USER_AGENT), *headers]
         with trio.move_on_after(self.timeout) as scope:
-            reply = await self._pool.request(self._path, headers, payload, idempotent=idempotent)
+            try:
+                reply = await self._pool.request(
+                    "POST", self._path, body=payload, headers=headers, idempotent=idempotent
+                )
+            except (ConnectError, ExchangeError) as exc:
+                raise DispatchUnavailable(f"SQS {action}: {exc}") from exc
         if scope.cancelled_caught:
             raise DispatchUnavailable(f"SQS {action} got no reply within {self.timeout:g}s")
         if 200 <= reply.status < 300:
@@ -772,11 +551,17 @@ async def open_sqs_dispatcher(
     host_in_header = f"[{host}]" if ":" in host else host
     host_header = host_in_header if explicit_port is None else f"{host_in_header}:{port}"
 
-    pool = _Pool(
-        host=host,
-        port=port,
-        ssl_context=(ssl_context or ssl.create_default_context()) if tls else None,
-        max_connections=max_connections,
+    if tls and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    pool = HttpPool(
+        parts.scheme,
+        host,
+        explicit_port,
+        ssl_context=ssl_context if tls else None,
+        size=max_connections,
+        timeout=None,  # `call` bounds each request and says which action timed out
+        keepalive_expiry=_IDLE_LIMIT,
+        max_reply=_MAX_REPLY_BYTES,
     )
     dispatcher = SqsDispatcher(
         region=region,
