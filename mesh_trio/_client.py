@@ -110,6 +110,23 @@ class _Attempt:
             self.pool._opened += 1
 
 
+class _Body:
+    """A request body for httpcore: one chunk. Not an async generator (what httpcore makes of
+    bytes), which a failed write would leave unfinished for the garbage collector to warn about."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._data:
+            raise StopAsyncIteration
+        data, self._data = self._data, b""
+        return data
+
+
 @attrs.define(eq=False)
 class HttpPool:
     """Keep-alive HTTP/1.1 connections to one peer, at most `size` at a time.
@@ -248,7 +265,7 @@ class HttpPool:
     ) -> HttpReply:
         self._requests += 1
         request = httpcore.Request(
-            method, url, headers=headers, content=body, extensions={"trace": attempt.trace}
+            method, url, headers=headers, content=_Body(body), extensions={"trace": attempt.trace}
         )
         try:
             response = await self._pool.handle_async_request(request)
