@@ -2,17 +2,19 @@
 
 Nothing here does I/O, reads a clock or awaits: legacy request bodies go in and come out as
 core inputs (`StatusEvent`s, FLY data), and core outputs (`Envelope`s, `Published` frames) go
-in and come out as legacy replies and SSE frames. The runtime modules (`_routes`, `_internal`,
-`_stream`) only move bytes between sockets and these functions, so every legacy shape is
+in and come out as legacy replies and SSE frames. The runtime modules (`_routes`, `_stream`)
+only move bytes between sockets and these functions, so every legacy shape is
 table-tested without a server (`tests/test_compat_translate.py`).
 
 The pieces:
 
-- `LEGACY_ROUTES`, the legacy route table, and `LegacyRouter`, which resolves it next to the new
-  API's `Router`. A path the new API serves (with any method) belongs to the new API: with
-  `ASYA_MESH_API_PREFIX=""` the new `GET /mesh/{id}` wins over the legacy one, which is then not
-  mounted at all. Legacy ids must be canonical UUIDs, like the new API's; anything else is not
-  a legacy path and gets the contract's 404.
+- `LEGACY_ROUTES`, the legacy route table: rows of the core's own route table
+  (`mesh_proto.RouteSpec`, ops of `LegacyOp`), resolved by the core's `Router` as extra rows
+  (`legacy_router`). A path the new API serves (with any method) belongs to the new API: with
+  `ASYA_MESH_API_PREFIX=""` the new `GET /mesh/{id}` wins over the legacy one, which is then
+  never reached (`Router.shadowed()`). Legacy ids must be canonical UUIDs, like the new API's;
+  anything else is not a legacy path and gets the contract's 404. `SUCCESSORS` and
+  `deprecation_headers` name the new route replacing each legacy one.
 - Sidecar bodies: `LegacyProgress` (`/progress`), `parse_final` (`/final`), `parse_fly`
   (`/fly`). Each parser raises only `ClientError`s, before anything is stored.
 - Client views: `task_json` (legacy `GET /mesh/{id}`), `active_reply` (`/active`), and the
@@ -27,7 +29,6 @@ status rules hold for legacy and new sidecars alike.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -38,12 +39,11 @@ import attrs
 from mesh_proto import (
     BadRequest,
     Envelope,
-    MethodNotAllowed,
-    NotFound,
     PayloadTooLarge,
     Published,
     Role,
     Router,
+    RouteSpec,
     SseParser,
     Status,
     StatusEvent,
@@ -65,10 +65,6 @@ FINAL_STATUSES: Final = (Status.SUCCEEDED, Status.FAILED)
 LEGACY_KEEPALIVE: Final = b": keepalive\n\n"
 OK: Final[Mapping[str, str]] = {"status": "ok"}
 
-UUID_PATTERN: Final = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-# Any canonical UUID: used to ask the new router whether it serves a legacy path.
-_SAMPLE_ID: Final = "00000000-0000-4000-8000-000000000000"
-
 
 class LegacyOp(enum.Enum):
     PROGRESS = "progress"
@@ -79,42 +75,27 @@ class LegacyOp(enum.Enum):
     TASK = "task"
 
 
-@attrs.frozen(kw_only=True)
-class LegacyRoute:
-    """One legacy route: bare `pattern` (no prefix), and the new route that replaces it."""
-
-    role: Role
-    method: str
-    pattern: str
-    op: LegacyOp
-    successor: str
-    summary: str
-    regex: re.Pattern[str] = attrs.field(init=False, eq=False, repr=False)
-
-    @regex.default
-    def _compile(self) -> re.Pattern[str]:
-        return re.compile(re.escape(self.pattern).replace(r"\{id\}", f"({UUID_PATTERN})"))
-
-    @property
-    def successor_method(self) -> str:
-        """The method of the new route: sidecars POST events, clients GET."""
-        return "POST" if self.role is Role.INTERNAL else "GET"
-
-    def path(self, envelope_id: str) -> str:
-        """The route's path for one envelope."""
-        return self.pattern.replace("{id}", envelope_id)
-
+# The new route replacing each legacy one (under the configured prefix).
+SUCCESSORS: Final[Mapping[LegacyOp, str]] = {
+    LegacyOp.PROGRESS: "/mesh/{id}/events",
+    LegacyOp.FINAL: "/mesh/{id}/events",
+    LegacyOp.FLY: "/mesh/{id}/events",
+    LegacyOp.STREAM: "/mesh/{id}/events",
+    LegacyOp.ACTIVE: "/mesh/{id}",
+    LegacyOp.TASK: "/mesh/{id}",
+}
 
 _E, _I = Role.EXTERNAL, Role.INTERNAL
-LEGACY_ROUTES: Final[tuple[LegacyRoute, ...]] = tuple(
-    LegacyRoute(role=role, method=method, pattern=pattern, op=op, successor=succ, summary=summary)
-    for role, method, pattern, op, succ, summary in (
+# Rows of the core's route table (`mesh_proto.RouteSpec`), bare: old components look for them
+# at `/mesh/...` whatever the prefix.
+LEGACY_ROUTES: Final[tuple[RouteSpec, ...]] = tuple(
+    RouteSpec(role=role, method=method, pattern=pattern, op=op, summary=summary, bare=True)
+    for role, method, pattern, op, summary in (
         (
             _I,
             "POST",
             "/mesh/{id}/progress",
             LegacyOp.PROGRESS,
-            "/mesh/{id}/events",
             'sidecar progress; 200 {"status": "ok", "progress_percent"}',
         ),
         (
@@ -122,7 +103,6 @@ LEGACY_ROUTES: Final[tuple[LegacyRoute, ...]] = tuple(
             "POST",
             "/mesh/{id}/final",
             LegacyOp.FINAL,
-            "/mesh/{id}/events",
             'final status (succeeded, failed); 200 {"status": "ok"}',
         ),
         (
@@ -130,7 +110,6 @@ LEGACY_ROUTES: Final[tuple[LegacyRoute, ...]] = tuple(
             "POST",
             "/mesh/{id}/fly",
             LegacyOp.FLY,
-            "/mesh/{id}/events",
             'FLY event, any JSON up to 1 MiB; 200 {"status": "ok"}, 413',
         ),
         (
@@ -138,7 +117,6 @@ LEGACY_ROUTES: Final[tuple[LegacyRoute, ...]] = tuple(
             "GET",
             "/mesh/{id}/stream",
             LegacyOp.STREAM,
-            "/mesh/{id}/events",
             "legacy SSE: `update` / `partial` frames, ends on terminal",
         ),
         (
@@ -146,108 +124,28 @@ LEGACY_ROUTES: Final[tuple[LegacyRoute, ...]] = tuple(
             "GET",
             "/mesh/{id}/active",
             LegacyOp.ACTIVE,
-            "/mesh/{id}",
             '200 {"active": true}; 410 {"active": false} once terminal',
         ),
-        (
-            _E,
-            "GET",
-            "/mesh/{id}",
-            LegacyOp.TASK,
-            "/mesh/{id}",
-            "the legacy task JSON",
-        ),
+        (_E, "GET", "/mesh/{id}", LegacyOp.TASK, "the legacy task JSON"),
     )
 )
 
 
-@attrs.frozen(kw_only=True)
-class LegacyMatch:
-    """A resolved legacy request: the route and the envelope id from the path."""
-
-    route: LegacyRoute
-    id: str
+def legacy_router(router: Router) -> Router:
+    """`router` with the legacy routes as extra rows: the core resolves both (see the module
+    comment); `shadowed()` lists the legacy routes its prefix hides."""
+    return Router(router.prefix, extra=LEGACY_ROUTES)
 
 
-def _serves(router: Router, role: Role, path: str) -> bool:
-    """Whether the new API has a route at `path` on this port (with any method)."""
-    try:
-        router.resolve(role, "GET", path)
-    except MethodNotAllowed:
-        return True
-    except NotFound:
-        return False
-    return True
+def successor(prefix: str, op: LegacyOp, envelope_id: str) -> str:
+    """The new route replacing the legacy route `op`, under `prefix` (a normalised one)."""
+    return prefix + SUCCESSORS[op].replace("{id}", quote(envelope_id, safe=""))
 
 
-@attrs.frozen
-class LegacyRouter:
-    """The legacy routes mounted next to the new API of `router` (see the module comment).
-
-    `routes` holds the legacy routes this prefix leaves free: a legacy path the new API also
-    serves is dropped, so the new route wins there.
-    """
-
-    router: Router
-    routes: tuple[LegacyRoute, ...] = attrs.field(init=False)
-    _by_role: Mapping[Role, tuple[LegacyRoute, ...]] = attrs.field(init=False, repr=False)
-
-    @routes.default
-    def _free(self) -> tuple[LegacyRoute, ...]:
-        return tuple(
-            r for r in LEGACY_ROUTES if not _serves(self.router, r.role, r.path(_SAMPLE_ID))
-        )
-
-    @_by_role.default
-    def _split(self) -> Mapping[Role, tuple[LegacyRoute, ...]]:
-        return {role: tuple(r for r in self.routes if r.role is role) for role in Role}
-
-    def for_role(self, role: Role) -> tuple[LegacyRoute, ...]:
-        """The mounted legacy routes of one port."""
-        return self._by_role[role]
-
-    def shadowed(self) -> tuple[LegacyRoute, ...]:
-        """The legacy routes not mounted because the new API serves their path."""
-        return tuple(r for r in LEGACY_ROUTES if r not in self.routes)
-
-    def resolve(self, role: Role, method: str, path: str) -> LegacyMatch | None:
-        """The legacy route for a request, or None when the path is not a legacy one.
-
-        Raises:
-            MethodNotAllowed: a legacy path with a method it does not take; its headers hold
-                `Allow` and, as on every legacy response, `Deprecation` and `Link`.
-        """
-        allowed: list[LegacyMatch] = []
-        for route in self.for_role(role):
-            found = route.regex.fullmatch(path)
-            if found is None:
-                continue
-            match = LegacyMatch(route=route, id=found[1])
-            if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return match
-            allowed.append(match)
-        if allowed:
-            error = MethodNotAllowed(allowed_methods([m.route.method for m in allowed]))
-            error.headers = (*self.headers(allowed[0].route, allowed[0].id), *error.headers)
-            raise error
-        return None
-
-    def successor(self, route: LegacyRoute, envelope_id: str) -> str:
-        """The new route replacing `route`, with the configured prefix."""
-        return self.router.prefix + route.successor.replace("{id}", quote(envelope_id, safe=""))
-
-    def headers(self, route: LegacyRoute, envelope_id: str) -> tuple[tuple[str, str], ...]:
-        """`Deprecation` and `Link` (rel successor-version), on every legacy response."""
-        link = f'<{self.successor(route, envelope_id)}>; rel="successor-version"'
-        return (("Deprecation", "true"), ("Link", link))
-
-
-def allowed_methods(methods: list[str]) -> tuple[str, ...]:
-    """The `Allow` list for legacy routes taking `methods` (GET implies HEAD)."""
-    names = set(methods)
-    if "GET" in names:
-        names.add("HEAD")
-    return tuple(sorted(names))
+def deprecation_headers(prefix: str, op: LegacyOp, envelope_id: str) -> tuple[tuple[str, str], ...]:
+    """`Deprecation` and `Link` (rel successor-version), on every legacy response."""
+    link = f'<{successor(prefix, op, envelope_id)}>; rel="successor-version"'
+    return (("Deprecation", "true"), ("Link", link))
 
 
 def route_table() -> str:
@@ -257,7 +155,10 @@ def route_table() -> str:
         "|---|---|---|---|",
     ]
     for r in LEGACY_ROUTES:
-        new = f"{r.successor_method} {{prefix}}{r.successor}"
+        assert isinstance(r.op, LegacyOp)
+        # Sidecars POST events to the new API, clients GET.
+        method = "POST" if r.role is Role.INTERNAL else "GET"
+        new = f"{method} {{prefix}}{SUCCESSORS[r.op]}"
         lines.append(f"| {r.role.value} | `{r.method} {r.pattern}` | `{new}` | {r.summary} |")
     return "\n".join(lines) + "\n"
 

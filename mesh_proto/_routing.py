@@ -3,17 +3,28 @@
 The route table is data (`ROUTES`), so the docs' route table is generated from it. 404 versus
 405 (with `Allow`) is decided here, not by a web framework: a path that matches a route
 pattern for this port but not with this method is a 405.
+
+A runtime extension (the legacy routes of `mesh_compat`) adds rows of its own: a `Router`
+built with `extra` specs, whose `op` is any enum member the extension names. Extra routes only
+take what the core leaves: they are tried only when no core route has the path (with any
+method), so a path the core serves is the core's for every method (`shadowed()` lists the extra
+routes a prefix hides). And their `{id}` only matches an envelope id: with anything else in
+that segment the path is not theirs, and the core's own answer (404 "not found") stands.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Final
 
 import attrs
 
 from ._errors import MethodNotAllowed, NotFound
 from ._requests import parse_id
+
+# Any envelope id: where a route's path is needed without a particular envelope.
+_SAMPLE_ID: Final = "00000000-0000-4000-8000-000000000000"
 
 
 class Role(enum.Enum):
@@ -34,12 +45,15 @@ class Op(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class RouteSpec:
-    """One row of the route table; `pattern` is relative to the prefix unless `bare`."""
+    """One row of the route table; `pattern` is relative to the prefix unless `bare`.
+
+    `op` is an `Op` for the core's routes, a member of an extension's own enum for its rows.
+    """
 
     role: Role
     method: str
     pattern: str
-    op: Op
+    op: enum.Enum
     summary: str
     bare: bool = False
 
@@ -67,7 +81,7 @@ ROUTES: Final[tuple[RouteSpec, ...]] = tuple(
 class Route:
     """A resolved request: the operation and, for per-envelope routes, the envelope id."""
 
-    op: Op
+    op: enum.Enum
     id: str | None = None
 
 
@@ -77,11 +91,19 @@ def normalize_prefix(prefix: str) -> str:
     return "/" + prefix if prefix else ""
 
 
+def _specs(specs: Iterable[RouteSpec]) -> tuple[RouteSpec, ...]:
+    return tuple(specs)
+
+
 @attrs.frozen
 class Router:
-    """Resolves requests for one prefix; build once, call `resolve` per request."""
+    """Resolves requests for one prefix; build once, call `resolve` per request.
+
+    `extra` holds an extension's route rows, after the core's (see the module comment).
+    """
 
     prefix: str = attrs.field(converter=normalize_prefix)
+    extra: tuple[RouteSpec, ...] = attrs.field(default=(), kw_only=True, converter=_specs)
 
     def resolve(self, role: Role, method: str, path: str) -> Route:
         """Resolve a request.
@@ -90,28 +112,70 @@ class Router:
             NotFound: no route of this port has this path (or the id is not an envelope id).
             MethodNotAllowed: the path is known, the method is not; carries `Allow`.
         """
+        route = self._lookup(ROUTES, role, method, path, strict=False)
+        if route is None and self.extra:
+            route = self._lookup(self.extra, role, method, path, strict=True)
+        if route is None:
+            raise NotFound("not found")
+        return route
+
+    def match(self, role: Role, path: str) -> Route | None:
+        """The route whose path this is, whatever the method (None when no route has it).
+
+        For a 405, this says whose path it was (so an extension can add its own headers);
+        the id is the path's segment, not checked for core routes.
+        """
+        for specs, strict in ((ROUTES, False), (self.extra, True)):
+            for spec in specs:
+                if spec.role is role:
+                    envelope_id = self._match(spec, path, strict=strict)
+                    if envelope_id is not None:
+                        return Route(op=spec.op, id=envelope_id or None)
+        return None
+
+    def path(self, spec: RouteSpec, envelope_id: str = _SAMPLE_ID) -> str:
+        """The path of `spec` under this prefix, for one envelope."""
+        base = "" if spec.bare else self.prefix
+        return base + spec.pattern.replace("{id}", envelope_id)
+
+    def shadowed(self) -> tuple[RouteSpec, ...]:
+        """The extra routes this prefix hides: a core route has their path, so they never
+        resolve."""
+        return tuple(
+            spec
+            for spec in self.extra
+            if any(
+                core.role is spec.role
+                and self._match(core, self.path(spec), strict=False) is not None
+                for core in ROUTES
+            )
+        )
+
+    def _lookup(
+        self, specs: Iterable[RouteSpec], role: Role, method: str, path: str, *, strict: bool
+    ) -> Route | None:
+        """The route of `specs` for this request; None when none of them has the path."""
         allowed: list[str] = []
-        found: Route | None = None
-        for spec in ROUTES:
+        for spec in specs:
             if spec.role is not role:
                 continue
-            envelope_id = self._match(spec, path)
+            envelope_id = self._match(spec, path, strict=strict)
             if envelope_id is None:
                 continue
             if spec.method == method or (method == "HEAD" and spec.method == "GET"):
-                found = Route(op=spec.op, id=envelope_id or None)
-                break
+                if envelope_id:
+                    parse_id(envelope_id)
+                return Route(op=spec.op, id=envelope_id or None)
             allowed.append(spec.method)
-        if found is not None:
-            if found.id is not None:
-                parse_id(found.id)
-            return found
         if allowed:
             raise MethodNotAllowed(tuple(sorted(set(allowed))))
-        raise NotFound("not found")
+        return None
 
-    def _match(self, spec: RouteSpec, path: str) -> str | None:
-        """The id for a matching path ("" for routes without one), None for no match."""
+    def _match(self, spec: RouteSpec, path: str, *, strict: bool) -> str | None:
+        """The id for a matching path ("" for routes without one), None for no match.
+
+        With `strict`, a segment that is not an envelope id is no match.
+        """
         if not spec.bare:
             if not path.startswith(self.prefix):
                 return None
@@ -123,4 +187,11 @@ class Router:
         if not (path.startswith(head) and path.endswith(tail)) or len(path) <= len(head + tail):
             return None
         segment = path[len(head) : len(path) - len(tail)]
-        return None if "/" in segment else segment
+        if "/" in segment:
+            return None
+        if strict:
+            try:
+                parse_id(segment)
+            except NotFound:
+                return None
+        return segment

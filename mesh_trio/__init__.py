@@ -1,14 +1,17 @@
 """mesh_trio: the trio runtime of the mesh API.
 
 Two hypercorn listeners (external: clients; internal: sidecars) over one `Mesh` of operations,
-one SSE `Hub`, a `Store` (embedded memory/SQLite or the state proxy) and a `Dispatcher`
-(in-process, RabbitMQ or SQS). `serve()` owns them all; `asya-mesh-api` runs it.
+one `Broadcaster` of SSE frames (the in-process `Hub`), a `Store` (embedded memory/SQLite or the
+state proxy) and a `Dispatcher` (in-process, RabbitMQ or SQS). `serve()` owns them all;
+`asya-mesh-api` runs it. Extensions (`Extension`: the legacy routes of `mesh_compat`) add
+routes to both ports through `ExtensionRoute`s.
 """
 
-from ._asgi import log_error, read_body, send_response, serve_lifespan
+from ._broadcast import Broadcaster, BroadcastStatistics, Subscription
 from ._config import Config, ConfigError, parse_duration
 from ._dispatch import ActorNotFound, Dispatcher, DispatchError, DispatchUnavailable, MemoryQueues
-from ._hub import Hub, HubStatistics, Subscription
+from ._extension import Extension, ExtensionReply, ExtensionRequest, ExtensionRoute
+from ._hub import Hub
 from ._mesh import Mesh, SseDialect
 from ._server import Bound, serve
 from ._store import MemoryStore, SqliteStore, Store
@@ -16,13 +19,18 @@ from ._store import MemoryStore, SqliteStore, Store
 __all__ = [
     "ActorNotFound",
     "Bound",
+    "BroadcastStatistics",
+    "Broadcaster",
     "Config",
     "ConfigError",
     "DispatchError",
     "DispatchUnavailable",
     "Dispatcher",
+    "Extension",
+    "ExtensionReply",
+    "ExtensionRequest",
+    "ExtensionRoute",
     "Hub",
-    "HubStatistics",
     "MemoryQueues",
     "MemoryStore",
     "Mesh",
@@ -30,10 +38,6 @@ __all__ = [
     "SseDialect",
     "Store",
     "Subscription",
-    "log_error",
     "parse_duration",
-    "read_body",
-    "send_response",
     "serve",
-    "serve_lifespan",
 ]

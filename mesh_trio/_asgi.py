@@ -1,4 +1,4 @@
-"""Plain-ASGI helpers shared by the lean apps (the internal port, and mesh_compat's).
+"""Plain-ASGI helpers of the internal port's lean app.
 
 Request bodies are read with a limit enforced on `Content-Length` and on chunked bodies alike;
 replies are JSON (or empty) with an exact `Content-Length`; errors are logged only when they

@@ -1,9 +1,11 @@
-"""The hub: fan-out of published frames to the SSE subscribers of each envelope.
+"""The hub: in-process fan-out of published frames to the SSE subscribers of each envelope.
 
-One hub serves both ports; it belongs to the `serve()` nursery. `publish` never blocks and never
-awaits: it appends the frame (encoded once by `mesh_proto.Published`) to each subscriber's
-pending list and wakes it. A woken subscriber takes everything pending at once, so the frames
-that queued up while it was busy go out in one write.
+The one-replica implementation of `Broadcaster` (`_broadcast.py`, which says why `publish` and
+`subscribe` are async there). One hub serves both ports; `serve()` opens it and closes it on
+shutdown. `publish` never blocks and never awaits (it is not a checkpoint): it appends the
+frame (encoded once by `mesh_proto.Published`) to each subscriber's pending list and wakes it.
+A woken subscriber takes everything pending at once, so the frames that queued up while it was
+busy go out in one write.
 
 Slow-client policy (each subscriber holds at most `limit` pending frames and `max_bytes` of
 them):
@@ -19,17 +21,21 @@ Publishers are never slowed by a subscriber, and one slow client costs the other
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from mesh_proto import Published
 
+from ._broadcast import BroadcastStatistics
+
 
 @attrs.define(eq=False)
-class Subscription:
+class HubSubscription:
+    """One subscriber's pending frames (a `Subscription` of the hub)."""
+
     key: str
     limit: int
     max_bytes: int
@@ -78,31 +84,26 @@ class Subscription:
         self._wakeup.set()
 
 
-@attrs.frozen
-class HubStatistics:
-    envelopes: int
-    subscribers: int
-    published: int
-    delivered: int
-    dropped_fly: int
-    resyncs: int
-
-
 @attrs.define(eq=False)
 class Hub:
+    """The in-process `Broadcaster` (see the module comment for the slow-client policy)."""
+
     limit: int = 1024
     max_bytes: int = 1 << 20
     closed: bool = False
-    _subscribers: dict[str, set[Subscription]] = attrs.field(factory=dict)
+    _subscribers: dict[str, set[HubSubscription]] = attrs.field(factory=dict)
     _published: int = 0
     _delivered: int = 0
     _dropped_fly: int = 0
     _resyncs: int = 0
 
-    @contextmanager
-    def subscribe(self, key: str) -> Iterator[Subscription]:
-        """A subscription to `key` for the duration of the block (closed at once if the hub is)."""
-        sub = Subscription(key, self.limit, self.max_bytes)
+    @asynccontextmanager
+    async def subscribe(self, key: str) -> AsyncIterator[HubSubscription]:
+        """A subscription to `key` for the duration of the block (closed at once if the hub is).
+
+        Entering and leaving never await: the subscription is in effect on entry.
+        """
+        sub = HubSubscription(key, self.limit, self.max_bytes)
         if self.closed:
             sub.close()
         subs = self._subscribers.setdefault(key, set())
@@ -118,18 +119,17 @@ class Hub:
     def subscribers(self, key: str) -> int:
         return len(self._subscribers.get(key, ()))
 
-    def publish(self, key: str, published: Published) -> int:
-        """Hand a frame to every subscriber of `key`; returns how many there were."""
+    async def publish(self, key: str, published: Published) -> None:
+        """Hand a frame to every subscriber of `key`; never awaits, never raises."""
         self._published += 1
         subs = self._subscribers.get(key)
         if not subs:
-            return 0
+            return
         for sub in subs:
             was_resync = sub.resync
             sub.deliver(published)
             self._resyncs += sub.resync and not was_resync
         self._delivered += len(subs)
-        return len(subs)
 
     def close(self) -> None:
         """End every stream (shutdown): subscribers wake, send what is pending, and finish."""
@@ -138,9 +138,9 @@ class Hub:
             for sub in subs:
                 sub.close()
 
-    def statistics(self) -> HubStatistics:
+    def statistics(self) -> BroadcastStatistics:
         live_drops = sum(s.dropped_fly for subs in self._subscribers.values() for s in subs)
-        return HubStatistics(
+        return BroadcastStatistics(
             envelopes=len(self._subscribers),
             subscribers=sum(len(s) for s in self._subscribers.values()),
             published=self._published,

@@ -1,6 +1,7 @@
 """The mesh operations: create, get, list, cancel, publish, stream.
 
-Plain async functions over the store, the dispatcher and the hub that know nothing of quart or
+Plain async functions over the store, the dispatcher and the broadcaster (`_broadcast.py`:
+the in-process hub, or one that fans out across replicas) that know nothing of quart or
 hypercorn, so any listener can drive them (the quart app of the external port, the lean ASGI app
 of the internal port, the legacy routes of `mesh_compat`). Inputs are raw query strings and body
 bytes; `mesh_proto` parses them and raises `ClientError`s; results are `mesh_proto` values.
@@ -44,8 +45,8 @@ from mesh_proto import (
     traceparent_for,
 )
 
+from ._broadcast import Broadcaster
 from ._dispatch import ActorNotFound, Dispatcher, DispatchUnavailable
-from ._hub import Hub
 from ._store import Store
 
 log = logging.getLogger("mesh_trio")
@@ -104,7 +105,7 @@ class SseDialect:
 class Mesh:
     store: Store
     dispatcher: Dispatcher
-    hub: Hub
+    broadcaster: Broadcaster
     namespace: str = "default"
     gateway_url: str | None = None
     keepalive: float = 15.0
@@ -184,7 +185,7 @@ class Mesh:
     async def publish_fly(self, envelope_id: str, data: Any) -> None:
         if not self.live.is_live(envelope_id):
             self.live.mark(await self.get(envelope_id))
-        self.hub.publish(envelope_id, Published.fly(data))
+        await self.broadcaster.publish(envelope_id, Published.fly(data))
 
     async def apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
         """Apply a status event (store, then publish what changed); `NotFound` for no such id."""
@@ -193,7 +194,7 @@ class Mesh:
             raise NotFound("envelope not found")
         if isinstance(outcome, Applied):
             self.live.mark(outcome.envelope)
-            self.hub.publish(envelope_id, Published.status(outcome))
+            await self.broadcaster.publish(envelope_id, Published.status(outcome))
         return outcome
 
     async def stream(
@@ -202,13 +203,13 @@ class Mesh:
         """The SSE byte stream of one envelope (call `get` first for a 404 before any bytes).
 
         Subscribes before reading the snapshot, so nothing published in between is lost; ends
-        after a terminal status, when the hub closes (shutdown), or when the caller stops.
+        after a terminal status, when the broadcaster closes (shutdown), or when the caller stops.
         The core's `SseStream` decides what passes; `dialect` only encodes it (the legacy
         stream of `mesh_compat` is this loop with another dialect).
         """
         dialect = dialect or SseDialect()
         state = SseStream(keepalive=self.keepalive)
-        with self.hub.subscribe(envelope_id) as sub:
+        async with self.broadcaster.subscribe(envelope_id) as sub:
             envelope = await self.store.get(envelope_id)
             if envelope is None:
                 return

@@ -8,8 +8,11 @@ Why two shapes: the external port serves people and dashboards (create, list, SS
 quart's request/response model earns its keep. The internal port carries every sidecar event,
 the hot path of the mesh; quart-trio costs about 2 ms of CPU per request before our code runs,
 more than the whole request costs hypercorn itself, so the internal port speaks ASGI directly
-(see docs/performance.md). Anything the internal app does not route itself (the legacy routes of
-`mesh_compat`) goes to an optional fallback ASGI app.
+(see docs/performance.md).
+
+Extension routes (`_extension.py`: the legacy routes of `mesh_compat`) are rows of the same
+router: both apps hand them to the extension's handler and add its headers to every response
+of its paths, errors included.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from mesh_proto import (
     PayloadTooLarge,
     ProtocolError,
     Role,
-    Router,
+    Route,
     dumps,
 )
 
 from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
+from ._extension import ExtensionReply, ExtensionRequest, Extensions
 from ._mesh import Mesh
 
 log = logging.getLogger("mesh_trio.http")
@@ -41,8 +45,6 @@ log = logging.getLogger("mesh_trio.http")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def run_operation(
@@ -82,8 +84,12 @@ def _cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
-def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = ()) -> QuartTrio:
-    """The client-facing app: create / list / get / cancel / SSE, health and ready."""
+def external_app(
+    mesh: Mesh, routes: Extensions, *, cors_origins: tuple[str, ...] = ()
+) -> QuartTrio:
+    """The client-facing app: create / list / get / cancel / SSE, health and ready, and the
+    external routes of extensions."""
+    router = routes.router
     app = QuartTrio("mesh_trio.external")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -114,11 +120,41 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
         data = await request.get_data(cache=False, as_text=False)
         return data if isinstance(data, bytes) else data.encode()
 
-    async def handle(path: str = "") -> Response:
-        started = time.perf_counter()
-        if request.method == "OPTIONS" and cors_origins:
-            return _preflight()
+    async def limited_body(limit: int) -> bytes:
+        data = await body()
+        if len(data) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        return data
+
+    async def extension(route: Route) -> Response:
+        owner = routes.routes[route.op]
+        reply = await owner.handler(
+            ExtensionRequest(
+                method=request.method,
+                path=request.path,
+                id=route.id,
+                query=request.query_string,
+                read=limited_body,
+            )
+        )
+        headers = {**dict(owner.headers(route.id)), **dict(reply.headers)}
+        if reply.stream is not None:
+            response = Response(
+                reply.stream,
+                reply.status,
+                {**SSE_HEADERS, **headers},
+                content_type="text/event-stream",
+            )
+            response.timeout = None
+            return response
+        return Response(
+            reply.body, reply.status, headers, content_type=JSON if reply.body else None
+        )
+
+    async def respond() -> Response:
         route = router.resolve(Role.EXTERNAL, request.method, request.path)
+        if not isinstance(route.op, Op):
+            return await extension(route)
         if route.op is Op.STREAM:
             assert route.id is not None
             await mesh.get(route.id)
@@ -126,16 +162,27 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
                 mesh.stream(route.id), 200, SSE_HEADERS, content_type="text/event-stream"
             )
             response.timeout = None
-        else:
-            status, payload = await run_operation(
-                mesh,
-                route.op,
-                route.id,
-                request.query_string,
-                body,
-                request.headers.get("traceparent"),
-            )
-            response = Response(payload, status, content_type=JSON if payload else None)
+            return response
+        status, payload = await run_operation(
+            mesh,
+            route.op,
+            route.id,
+            request.query_string,
+            body,
+            request.headers.get("traceparent"),
+        )
+        return Response(payload, status, content_type=JSON if payload else None)
+
+    async def handle(path: str = "") -> Response:
+        started = time.perf_counter()
+        if request.method == "OPTIONS" and cors_origins:
+            return _preflight()
+        try:
+            response = await respond()
+        except ProtocolError as exc:
+            # On an extension's path, errors carry its headers too (`protocol_error` answers).
+            exc.headers = (*routes.error_headers(Role.EXTERNAL, request.path), *exc.headers)
+            raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request port=external method=%s path=%s status=%d ms=%.1f",
@@ -166,33 +213,29 @@ def external_app(mesh: Mesh, router: Router, *, cors_origins: tuple[str, ...] = 
 
 
 class InternalApp:
-    """The sidecar-facing ASGI app: event publishing and the heartbeat GET, health and ready.
+    """The sidecar-facing ASGI app: event publishing and the heartbeat GET, health and ready,
+    and the internal routes of extensions.
 
     Bodies are read with the 10 MiB limit enforced on `Content-Length` and on chunked bodies
-    alike. Paths the core router does not know go to `fallback` when one is given.
+    alike (an extension handler may ask for a lower one).
     """
 
-    def __init__(self, mesh: Mesh, router: Router, fallback: ASGIApp | None = None) -> None:
+    def __init__(self, mesh: Mesh, routes: Extensions) -> None:
         self.mesh = mesh
-        self.router = router
-        self.fallback = fallback
+        self.routes = routes
+        self.router = routes.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await (self.fallback or serve_lifespan)(scope, receive, send)
+            await serve_lifespan(scope, receive, send)
             return
         if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
             return
         started = time.perf_counter()
+        headers: Iterable[tuple[str, str]] = ()
         try:
             route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
-        except ProtocolError as exc:
-            if self.fallback is not None:
-                await self.fallback(scope, receive, send)
-                return
-            status, headers, payload = exc.status_hint, exc.headers, exc.body()
-        else:
-            try:
+            if isinstance(route.op, Op):
                 status, payload = await run_operation(
                     self.mesh,
                     route.op,
@@ -200,10 +243,12 @@ class InternalApp:
                     scope["query_string"],
                     lambda: read_body(scope, receive),
                 )
-                headers = ()
-            except ProtocolError as exc:
-                log_error(exc)
-                status, headers, payload = exc.status_hint, exc.headers, exc.body()
+            else:
+                status, headers, payload = await self._extension(route, scope, receive)
+        except ProtocolError as exc:
+            log_error(exc)
+            status, payload = exc.status_hint, exc.body()
+            headers = (*self.routes.error_headers(Role.INTERNAL, scope["path"]), *exc.headers)
         await send_response(send, status, payload, headers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -213,3 +258,24 @@ class InternalApp:
                 status,
                 (time.perf_counter() - started) * 1000,
             )
+
+    async def _extension(
+        self, route: Route, scope: Scope, receive: Receive
+    ) -> tuple[int, Iterable[tuple[str, str]], bytes]:
+        owner = self.routes.routes[route.op]
+
+        async def read(limit: int) -> bytes:
+            return await read_body(scope, receive, min(limit, MAX_BODY))
+
+        reply: ExtensionReply = await owner.handler(
+            ExtensionRequest(
+                method=scope["method"],
+                path=scope["path"],
+                id=route.id,
+                query=scope["query_string"],
+                read=read,
+            )
+        )
+        if reply.stream is not None:
+            raise AssertionError("extension streams are for the external port only")
+        return reply.status, (*owner.headers(route.id), *reply.headers), reply.body

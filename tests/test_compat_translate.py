@@ -27,8 +27,9 @@ from mesh_compat import (
     PROGRESS_WEIGHTS,
     LegacyOp,
     LegacyProgress,
-    LegacyRouter,
     active_reply,
+    deprecation_headers,
+    legacy_router,
     live_frame,
     parse_final,
     parse_fly,
@@ -38,14 +39,18 @@ from mesh_compat import (
     task_json,
 )
 from mesh_proto import (
+    ROUTES,
     Applied,
     BadRequest,
     ClientError,
     Envelope,
     MethodNotAllowed,
+    NotFound,
+    Op,
     PayloadTooLarge,
     Published,
     Role,
+    Route,
     Router,
     Status,
     StatusEvent,
@@ -111,16 +116,27 @@ def test_docs_hold_the_current_route_map() -> None:
 
 @pytest.mark.parametrize("prefix", ["/api/v1", "api/v1/", "/mesh", "/v2/gw"])
 def test_every_legacy_route_is_mounted_under_a_prefix(prefix: str) -> None:
-    legacy = LegacyRouter(Router(prefix))
-    assert (legacy.routes, legacy.shadowed()) == (LEGACY_ROUTES, ())
+    router = legacy_router(Router(prefix))
+    assert (router.extra, router.shadowed()) == (LEGACY_ROUTES, ())
+    for spec in LEGACY_ROUTES:
+        assert router.resolve(spec.role, spec.method, router.path(spec, ID)).op is spec.op
+
+
+def test_the_legacy_table_is_rows_of_the_core_table() -> None:
+    assert all(spec.bare and isinstance(spec.op, LegacyOp) for spec in LEGACY_ROUTES)
+    assert {spec.op for spec in LEGACY_ROUTES} == set(LegacyOp)
+    # Bare: at `/mesh/...` whatever the prefix, unlike the core's `/mesh` routes.
+    assert all(not s.bare for s in ROUTES if s.pattern.startswith("/mesh"))
 
 
 def test_new_routes_win_where_paths_overlap() -> None:
-    # With no prefix the new API serves `/mesh/{id}`: the legacy task route is not mounted.
-    legacy = LegacyRouter(Router(""))
-    assert [r.op for r in legacy.shadowed()] == [LegacyOp.TASK]
-    assert {r.op for r in legacy.routes} == set(LegacyOp) - {LegacyOp.TASK}
-    assert legacy.resolve(Role.EXTERNAL, "GET", f"/mesh/{ID}") is None
+    # With no prefix the new API serves `/mesh/{id}`: the legacy task route is never reached.
+    router = legacy_router(Router(""))
+    assert [r.op for r in router.shadowed()] == [LegacyOp.TASK]
+    assert router.resolve(Role.EXTERNAL, "GET", f"/mesh/{ID}") == Route(op=Op.GET, id=ID)
+    with pytest.raises(MethodNotAllowed) as caught:
+        router.resolve(Role.EXTERNAL, "PUT", f"/mesh/{ID}")
+    assert caught.value.allowed == ("DELETE", "GET")
 
 
 @pytest.mark.parametrize("prefix", ["/api/v1", ""])
@@ -136,9 +152,7 @@ def test_new_routes_win_where_paths_overlap() -> None:
     ],
 )
 def test_resolve(prefix: str, role: Role, method: str, path: str, op: LegacyOp) -> None:
-    match = LegacyRouter(Router(prefix)).resolve(role, method, path)
-    assert match is not None
-    assert (match.route.op, match.id) == (op, ID)
+    assert legacy_router(Router(prefix)).resolve(role, method, path) == Route(op=op, id=ID)
 
 
 @pytest.mark.parametrize(
@@ -157,28 +171,33 @@ def test_resolve(prefix: str, role: Role, method: str, path: str, op: LegacyOp) 
     ],
 )
 def test_not_legacy(role: Role, path: str) -> None:
-    assert LegacyRouter(Router("/api/v1")).resolve(role, "POST", path) is None
-    assert LegacyRouter(Router("/api/v1")).resolve(role, "GET", path) is None
+    """Not a legacy path: the new API's own 404."""
+    router = legacy_router(Router("/api/v1"))
+    for method in ("POST", "GET"):
+        with pytest.raises(NotFound) as caught:
+            router.resolve(role, method, path)
+        assert caught.value.message == "not found"
+    assert router.match(role, path) is None
 
 
 @pytest.mark.parametrize(
-    ("role", "method", "path", "allow", "link"),
+    ("role", "method", "path", "op"),
     [
-        (Role.INTERNAL, "GET", f"/mesh/{ID}/progress", "POST", f"/api/v1/mesh/{ID}/events"),
-        (Role.INTERNAL, "PUT", f"/mesh/{ID}/fly", "POST", f"/api/v1/mesh/{ID}/events"),
-        (Role.EXTERNAL, "POST", f"/mesh/{ID}/stream", "GET, HEAD", f"/api/v1/mesh/{ID}/events"),
-        (Role.EXTERNAL, "DELETE", f"/mesh/{ID}", "GET, HEAD", f"/api/v1/mesh/{ID}"),
+        (Role.INTERNAL, "GET", f"/mesh/{ID}/progress", LegacyOp.PROGRESS),
+        (Role.INTERNAL, "PUT", f"/mesh/{ID}/fly", LegacyOp.FLY),
+        (Role.EXTERNAL, "POST", f"/mesh/{ID}/stream", LegacyOp.STREAM),
+        (Role.EXTERNAL, "DELETE", f"/mesh/{ID}", LegacyOp.TASK),
+        (Role.EXTERNAL, "OPTIONS", f"/mesh/{ID}/active", LegacyOp.ACTIVE),
     ],
 )
-def test_wrong_method(role: Role, method: str, path: str, allow: str, link: str) -> None:
+def test_wrong_method(role: Role, method: str, path: str, op: LegacyOp) -> None:
+    """A 405 with the core's `Allow`; `match` names the legacy route, for its headers."""
+    router = legacy_router(Router("/api/v1"))
     with pytest.raises(MethodNotAllowed) as caught:
-        LegacyRouter(Router("/api/v1")).resolve(role, method, path)
-    assert caught.value.status_hint == 405
-    assert dict(caught.value.headers) == {
-        "allow": allow,
-        "Deprecation": "true",
-        "Link": f'<{link}>; rel="successor-version"',
-    }
+        router.resolve(role, method, path)
+    spec = next(s for s in LEGACY_ROUTES if s.op is op)
+    assert caught.value.allowed == (spec.method,)
+    assert router.match(role, path) == Route(op=op, id=ID)
 
 
 @pytest.mark.parametrize(
@@ -194,8 +213,7 @@ def test_wrong_method(role: Role, method: str, path: str, allow: str, link: str)
     ],
 )
 def test_deprecation_headers(prefix: str, op: LegacyOp, successor: str) -> None:
-    route = next(r for r in LEGACY_ROUTES if r.op is op)
-    assert LegacyRouter(Router(prefix)).headers(route, ID) == (
+    assert deprecation_headers(Router(prefix).prefix, op, ID) == (
         ("Deprecation", "true"),
         ("Link", f'<{successor}>; rel="successor-version"'),
     )

@@ -125,7 +125,7 @@ async def test_many_subscribers_get_every_status_frame(mesh: MeshClient) -> None
 
 async def test_client_disconnect_unsubscribes(nursery: trio.Nursery) -> None:
     mesh = await start_mesh(nursery)
-    hub = mesh.bound.mesh.hub
+    hub = mesh.bound.mesh.broadcaster
     envelope_id = await mesh.create()
     stream = await mesh.sse(envelope_id)
     await stream.wait_for(1)
@@ -152,7 +152,7 @@ async def test_slow_subscriber_never_blocks_publishers(nursery: trio.Nursery) ->
     await mesh.status(envelope_id, "succeeded", {"result": "done"})
     events = await fast.wait_end(timeout=30)
     assert sum(e.event == "fly" for e in events) > 0
-    assert mesh.bound.mesh.hub.statistics().dropped_fly > 0
+    assert mesh.bound.mesh.broadcaster.statistics().dropped_fly > 0
     slow_events = await slow.wait_end(timeout=30)
     last = json.loads(slow_events[-1].data)
     assert last["status"] == "succeeded"
@@ -164,7 +164,7 @@ async def test_hub_encodes_once_for_all_subscribers(mesh: MeshClient) -> None:
     streams = [await mesh.sse(envelope_id) for _ in range(5)]
     for stream in streams:
         await stream.wait_for(1)
-    hub = mesh.bound.mesh.hub
+    hub = mesh.bound.mesh.broadcaster
     before = hub.statistics()
     await mesh.fly(envelope_id, {"t": 1})
     after = hub.statistics()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+
 import pytest
 
-from mesh_proto import ROUTES, MethodNotAllowed, NotFound, Op, Role, Route, Router
+from mesh_proto import ROUTES, MethodNotAllowed, NotFound, Op, Role, Route, Router, RouteSpec
 
 from ._support import ID
 
@@ -165,3 +167,92 @@ def test_route_table_shape() -> None:
         ("POST", "/mesh/{id}/events", "publish"),
     ]
     assert all(s.bare == (s.op in (Op.HEALTH, Op.READY)) for s in ROUTES)
+
+
+# --- extra routes (an extension's rows) -------------------------------------------------------
+
+
+class Extra(enum.Enum):
+    POKE = "poke"
+    PEEK = "peek"
+    SHADOWED = "shadowed"
+    TOP = "top"
+
+
+EXTRA = tuple(
+    RouteSpec(role=role, method=method, pattern=pattern, op=op, summary="", bare=bare)
+    for role, method, pattern, op, bare in (
+        (INT, "POST", "/mesh/{id}/poke", Extra.POKE, True),
+        (EXT, "GET", "/mesh/{id}/peek", Extra.PEEK, True),
+        (EXT, "GET", "/mesh/{id}", Extra.SHADOWED, True),
+        (EXT, "PUT", "/top", Extra.TOP, False),
+    )
+)
+
+
+@pytest.mark.parametrize("prefix", ["/api/v1", ""], ids=repr)
+def test_extra_routes_resolve_next_to_the_core(prefix: str) -> None:
+    router = Router(prefix, extra=EXTRA)
+    assert router.resolve(INT, "POST", f"/mesh/{ID}/poke") == Route(op=Extra.POKE, id=ID)
+    assert router.resolve(EXT, "HEAD", f"/mesh/{ID}/peek") == Route(op=Extra.PEEK, id=ID)
+    assert router.resolve(EXT, "PUT", f"{router.prefix}/top") == Route(op=Extra.TOP)
+    # The core's routes are unchanged.
+    for spec in ROUTES:
+        route = router.resolve(spec.role, spec.method, router.path(spec, ID))
+        assert route.op is spec.op
+    with pytest.raises(MethodNotAllowed) as caught:
+        router.resolve(EXT, "DELETE", f"/mesh/{ID}/peek")
+    assert caught.value.allowed == ("GET",)
+    with pytest.raises(NotFound):
+        router.resolve(EXT, "POST", f"/mesh/{ID}/poke")  # another port's extra route
+
+
+def test_a_path_the_core_serves_is_the_cores_for_every_method() -> None:
+    router = Router("", extra=EXTRA)
+    assert router.shadowed() == (EXTRA[2],)
+    assert router.resolve(EXT, "GET", f"/mesh/{ID}") == Route(op=Op.GET, id=ID)
+    with pytest.raises(MethodNotAllowed) as caught:
+        router.resolve(EXT, "PUT", f"/mesh/{ID}")
+    assert caught.value.allowed == ("DELETE", "GET")
+    with pytest.raises(NotFound) as not_found:
+        router.resolve(EXT, "GET", "/mesh/not-an-id")
+    assert not_found.value.message == "envelope not found"
+    assert Router("/api/v1", extra=EXTRA).shadowed() == ()
+    assert Router("/api/v1", extra=EXTRA).resolve(EXT, "GET", f"/mesh/{ID}").op is Extra.SHADOWED
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path"),
+    [
+        (INT, "POST", "/mesh/task-1/poke"),
+        (INT, "GET", f"/mesh/{ID.upper()}/poke"),
+        (EXT, "GET", "/mesh/a/b/peek"),
+        (EXT, "GET", "/mesh//peek"),
+        (EXT, "GET", "/nope"),
+    ],
+)
+def test_extra_routes_take_only_envelope_ids(role: Role, method: str, path: str) -> None:
+    """Anything else in the id segment is not an extra route's path: the core's 404 stands."""
+    router = Router("/api/v1", extra=EXTRA)
+    with pytest.raises(NotFound) as caught:
+        router.resolve(role, method, path)
+    assert caught.value.message == "not found"
+    assert router.match(role, path) is None
+
+
+def test_match_names_the_route_of_a_path_whatever_the_method() -> None:
+    router = Router("/api/v1", extra=EXTRA)
+    assert router.match(EXT, f"/mesh/{ID}/peek") == Route(op=Extra.PEEK, id=ID)
+    assert router.match(INT, f"/mesh/{ID}/poke") == Route(op=Extra.POKE, id=ID)
+    assert router.match(EXT, f"/api/v1/mesh/{ID}") == Route(op=Op.GET, id=ID)
+    assert router.match(EXT, "/api/v1/mesh/not-an-id") == Route(op=Op.GET, id="not-an-id")
+    assert router.match(EXT, "/health") == Route(op=Op.HEALTH)
+    assert router.match(INT, "/api/v1/top") is None
+    assert Router("/api/v1").match(EXT, f"/mesh/{ID}/peek") is None
+
+
+def test_extra_routes_are_part_of_the_routers_value() -> None:
+    assert Router("/api/v1", extra=list(EXTRA)) == Router("api/v1", extra=EXTRA)
+    assert Router("/api/v1", extra=EXTRA) != Router("/api/v1")
+    assert Router("/api/v1").path(ROUTES[2], ID) == f"/api/v1/mesh/{ID}"
+    assert Router("/gw").path(EXTRA[0], ID) == f"/mesh/{ID}/poke"
