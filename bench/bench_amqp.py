@@ -1,11 +1,11 @@
 # Publish throughput of the RabbitMQ dispatcher: N confirmed messages at concurrency C.
 #
 # Declares a durable queue of its own on the broker, then runs `--runs` times: purge the queue,
-# open a dispatcher (`mesh_trio._amqp.open_rabbitmq_dispatcher`), start C tasks that together
-# send N messages (each `send` returns only after the broker's publisher confirm), and time from
-# the first send to the last confirm. Prints every run and the median messages/s, with the CPU
-# this process used as a share of one core (a figure near 100 % means the client is the limit,
-# not the broker). The queue is deleted at the end.
+# open a dispatcher (`mesh_trio.transports._amqp.open_rabbitmq_dispatcher`), start C tasks that
+# together send N messages (each `send` returns only after the broker's publisher confirm), and
+# time from the first send to the last confirm. Prints every run and the median messages/s, with
+# the CPU this process used as a share of one core (a figure near 100 % means the client is the
+# limit, not the broker). The queue is deleted at the end.
 #
 # Run: .venv/bin/python bench/bench_amqp.py [-n 20000] [-c 200] [--size 512]
 #      [--channels 4] [--max-in-flight 1024] [--url amqp://guest:guest@127.0.0.1:5672/]
@@ -25,7 +25,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh_trio._amqp import open_rabbitmq_dispatcher
+from mesh_trio.transports._amqp import open_rabbitmq_dispatcher
 from tests.amqp_helpers import open_admin
 
 

@@ -16,6 +16,8 @@ import attrs
 
 from mesh_proto import Router
 
+from .transports import transport_names
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
@@ -24,7 +26,6 @@ class ConfigError(Exception):
 _UNITS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _NAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
-TRANSPORTS: Final = ("memory", "rabbitmq", "sqs")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -135,7 +136,7 @@ class Config:
         namespace = get("ASYA_NAMESPACE") or "default"
         if not _NAME.fullmatch(namespace):
             raise ConfigError(f"ASYA_NAMESPACE={namespace!r}: letters, digits, '-', '_', '.'")
-        transport = choice("ASYA_QUEUE_TRANSPORT", "memory", TRANSPORTS)
+        transport = choice("ASYA_QUEUE_TRANSPORT", "memory", transport_names())
         rabbitmq_url = get("ASYA_RABBITMQ_URL")
         if transport == "rabbitmq" and rabbitmq_url is None:
             raise ConfigError("ASYA_RABBITMQ_URL: required with ASYA_QUEUE_TRANSPORT=rabbitmq")

@@ -28,11 +28,11 @@ from hypercorn.trio import serve as hypercorn_serve
 from ._backstop import run_backstop
 from ._config import Config, ConfigError
 from ._demo import run_demo_actors
-from ._dispatch import Dispatcher, MemoryQueues, open_memory_dispatcher
 from ._hub import Hub
 from ._mesh import Mesh
 from ._store import Store, open_embedded_store
 from ._web import InternalApp, external_app
+from .transports import MemoryQueues, open_transport
 
 log = logging.getLogger("mesh_trio")
 
@@ -72,29 +72,6 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
             yield embedded
 
 
-@asynccontextmanager
-async def open_dispatcher(config: Config) -> AsyncIterator[Dispatcher]:
-    if config.transport == "rabbitmq":
-        from ._amqp import actor_routing_key, open_rabbitmq_dispatcher
-
-        # The default exchange routes by queue name; a named (topic) exchange is how Asya binds
-        # `asya-{namespace}-{actor}` with the key `{actor}` (see docs/rabbitmq.md).
-        key = actor_routing_key(config.namespace) if config.rabbitmq_exchange else None
-        async with open_rabbitmq_dispatcher(
-            config.rabbitmq_url, config.rabbitmq_exchange, routing_key=key
-        ) as rmq:
-            yield rmq
-    elif config.transport == "sqs":
-        from ._sqs import open_sqs_dispatcher
-
-        assert config.sqs_region is not None
-        async with open_sqs_dispatcher(config.sqs_region, endpoint=config.sqs_endpoint) as sqs:
-            yield sqs
-    else:
-        async with open_memory_dispatcher() as memory:
-            yield memory
-
-
 def _port(binds: list[str]) -> int:
     return int(binds[0].rsplit(":", 1)[1])
 
@@ -112,7 +89,7 @@ async def serve(
         )
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(config))
-        dispatcher = await stack.enter_async_context(open_dispatcher(config))
+        dispatcher = await stack.enter_async_context(open_transport(config))
         hub = Hub()
         mesh = Mesh(
             store=store,

@@ -1,9 +1,10 @@
 """Helpers for tests (and benches) that need a real RabbitMQ: an admin client and a faulty proxy.
 
 - `open_admin(url)` is a deliberately plain AMQP client on one channel, one request at a time,
-  reusing the handshake of `mesh_trio._amqp`: declare / delete / purge queues and exchanges,
-  bind, `get` one message, `drain` a queue, `consume` messages as they arrive. A broker error
-  on the channel raises `AmqpChannelError` and the admin carries on on a fresh channel.
+  reusing the handshake of `mesh_trio.transports._amqp`: declare / delete / purge queues and
+  exchanges, bind, `get` one message, `drain` a queue, `consume` messages as they arrive. A
+  broker error on the channel raises `AmqpChannelError` and the admin carries on on a fresh
+  channel.
 - `declare_queue`, `delete_queue` and `consume_one` are one-shot helpers that open their own
   connection (for end-to-end tests that only need to make or read one queue).
 - `open_proxy(target_port)` runs a TCP proxy on 127.0.0.1 between a client and the broker that
@@ -37,7 +38,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from mesh_trio._amqp import AmqpUrl, _FrameParser, _open_amqp
+from mesh_trio.transports._amqp import AmqpUrl, _FrameParser, _open_amqp
 
 RABBITMQ_URL = os.environ.get("ASYA_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 

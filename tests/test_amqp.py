@@ -25,7 +25,8 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from mesh_trio._amqp import (
+from mesh_trio.transports import ActorNotFound, DispatchUnavailable
+from mesh_trio.transports._amqp import (
     AmqpUrl,
     RabbitDispatcher,
     _ConnectionFault,
@@ -33,7 +34,6 @@ from mesh_trio._amqp import (
     actor_routing_key,
     open_rabbitmq_dispatcher,
 )
-from mesh_trio._dispatch import ActorNotFound, DispatchUnavailable
 from tests.amqp_helpers import (
     RABBITMQ_URL,
     AmqpAdmin,

@@ -55,7 +55,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 
-from ._dispatch import ActorNotFound, DispatchError, DispatchUnavailable
+from . import ActorNotFound, DispatchError, DispatchUnavailable
 
 __all__ = [
     "AmqpUrl",
