@@ -1,4 +1,4 @@
-"""CPU per state-proxy round trip in the mesh API's HTTP client: h11 (old) against httpcore.
+"""CPU per state-proxy round trip in the mesh API's HTTP client: h11 (old), httpcore, and now.
 
 The state proxy runs as its own process (`asya-state-proxy`) on a temporary Unix socket, over
 PostgreSQL in a throw-away schema with an application_name of its own (the schema is dropped at
@@ -11,14 +11,20 @@ concurrency 1 and 16 (workers sharing one client, one request at a time each):
 
 Variants:
 
-- ``h11``: the client the mesh API had before httpcore: our own h11 keep-alive pool (the class
-  is kept below only so this comparison can be rerun; the package no longer has it);
-- ``httpcore``: `mesh_trio._client.HttpPool`, the httpcore adapter the mesh API uses now.
+- ``h11``: the client the mesh API had before: our own h11 keep-alive pool, with no expiry, no
+  readability check and no retry of writes;
+- ``httpcore``: httpcore's `AsyncConnectionPool` (trio backend) behind the adapter the mesh API
+  used briefly (trace extension to tell how far a request got);
+- ``new``: `mesh_trio._client.HttpPool`, what the mesh API uses now: the h11 pool with expiry,
+  readability check before reuse and the retry rule.
+
+The first two are defined here, not in the package: they exist to keep the comparison in
+docs/performance.md reproducible.
 
 Every (variant, workload, concurrency) is measured in `--runs` runs; the median is printed with
 the lowest and highest run.
 
-Usage: ``python bench/bench_client.py [--requests 3000] [--runs 3] [--variant h11|httpcore|both]
+Usage: ``python bench/bench_client.py [--requests 3000] [--runs 3] [--variant h11|httpcore|new|all]
 [--pg-url postgresql://postgres@127.0.0.1:5432/test]``
 """
 
@@ -151,9 +157,88 @@ class OldH11Pool:
             await trio.aclose_forcefully(conn.stream)
 
 
+# -- httpcore, as the mesh API used it briefly (mesh_trio/_client.py at commit 8933a23) --------
+
+
+@attrs.define(eq=False)
+class _Tracker:
+    written: bool = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "http11.send_request_body.complete":
+            self.written = True
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._data:
+            raise StopAsyncIteration
+        data, self._data = self._data, b""
+        return data
+
+
+@attrs.define(eq=False)
+class HttpcorePool:
+    """The httpcore adapter's request path: pool, trace of how far the request got, body read."""
+
+    path: str
+    size: int = 32
+    timeout: float = 5.0
+    _pool: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        import httpcore
+
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=self.size,
+            keepalive_expiry=4.0,
+            uds=self.path,
+            network_backend=httpcore.TrioBackend(),
+        )
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        body: bytes = b"",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> _OldReply:
+        import httpcore
+
+        all_headers = [(b"Host", b"state-proxy"), (b"Content-Length", b"%d" % len(body)), *headers]
+        url = httpcore.URL(scheme="http", host="state-proxy", target=target)
+        tracker = _Tracker()
+        request = httpcore.Request(
+            method,
+            url,
+            headers=all_headers,
+            content=_Body(body),
+            extensions={"trace": tracker.trace},
+        )
+        with trio.fail_after(self.timeout):
+            response = await self._pool.handle_async_request(request)
+            try:
+                chunks = [chunk async for chunk in response.aiter_stream()]
+            finally:
+                await response.aclose()
+        return _OldReply(status=response.status, body=b"".join(chunks))
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
 def make_client(variant: str, socket_path: str) -> Client:
     if variant == "h11":
         return OldH11Pool(socket_path)
+    if variant == "httpcore":
+        return HttpcorePool(socket_path)
     from mesh_trio._client import HttpPool
 
     # The settings `open_proxy_store` uses.
@@ -261,7 +346,7 @@ def spread(values: list[float], digits: int = 0) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=("h11", "httpcore", "both"), default="both")
+    parser.add_argument("--variant", choices=("h11", "httpcore", "new", "all"), default="all")
     parser.add_argument("--requests", type=int, default=3000, help="requests per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
@@ -273,7 +358,7 @@ def main() -> None:
         conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[call-overload]
     sep = "&" if "?" in args.pg_url else "?"
     url = f"{args.pg_url}{sep}options=-csearch_path%3D{schema}&application_name=bench-client-{tag}"
-    variants = ("h11", "httpcore") if args.variant == "both" else (args.variant,)
+    variants = ("h11", "httpcore", "new") if args.variant == "all" else (args.variant,)
     try:
         with tempfile.TemporaryDirectory(prefix="bcl", dir="/tmp") as tmp:
             child = start_proxy(os.path.join(tmp, "proxy.sock"), url)

@@ -1,18 +1,19 @@
-"""The mesh API's one HTTP/1.1 client: httpcore's connection pool behind a small adapter.
+"""The mesh API's one HTTP/1.1 client: a keep-alive connection pool on h11 and trio streams.
 
 Used wherever the mesh API is the client: the state-proxy store (a Unix socket), the SQS
 transport (TCP, or TLS for `https`), and the demo actors posting events to the internal port
-(TCP), exactly as a sidecar does.
+(TCP), exactly as a sidecar does. (httpcore was measured in its place and cost 1.5-5 times the
+CPU per state-proxy round trip: docs/performance.md.)
 
-httpcore (trio backend) owns the connections: at most `size` at once, a connection reused only
-after a complete exchange, and an idle one dropped when it expired (`keepalive_expiry`) or when
-its socket is readable before reuse (a peer that closed an idle connection leaves an EOF to
-read). A cancelled or failed exchange closes its connection. This module adds what httpcore
-leaves to its caller: the bound of a whole request, one retry where it is safe, counters, and
-our two exceptions.
+How a request goes: it waits for one of `size` slots, takes the most recently used idle
+connection, or opens one. An idle connection is dropped instead of reused when it expired
+(`keepalive_expiry`, below the peers' own keep-alive timeouts) or when its socket is readable:
+a peer that closed an idle connection leaves an EOF to read, and a zero-timeout poll sees it
+without reading. The whole request goes out in one `send_all`; the reply is read with h11. A
+connection goes back to the pool only after a complete exchange with both sides done; on any
+error or cancellation it is closed.
 
-The retry rule. httpcore's `trace` extension reports each stage of an attempt; the one that
-matters is whether the whole request was handed to the socket (`send_request_body` complete).
+The retry rule turns on one fact: whether the whole request was handed to the socket.
 
 - Not whole (connecting failed, TLS failed, or the connection broke while the request was being
   written): the peer cannot have received the request complete, so it cannot have applied it.
@@ -21,10 +22,6 @@ matters is whether the whole request was handed to the socket (`send_request_bod
 - Whole: the peer may have read it and applied it; a lost reply then cannot tell. Only a
   request the caller marks idempotent (by default GET and HEAD) goes out once more; any other
   fails with `ExchangeError`.
-
-Write errors alone would not do: httpcore swallows a failed write and goes on to read, because
-a server may answer before it read everything, so every failure surfaces as a read error; the
-trace is what still says how far the request got.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import ssl
 from typing import Any
 
 import attrs
-import httpcore
+import h11
 import trio
 
 __all__ = [
@@ -52,12 +49,8 @@ __all__ = [
 KEEPALIVE_EXPIRY = 4.0
 
 _SAFE = frozenset({"GET", "HEAD"})
-# httpcore's trace events, `<logger>.<stage>.<started|complete|failed>`.
-_WRITTEN = "http11.send_request_body.complete"
-_CONNECTED = frozenset(
-    {"connection.connect_tcp.complete", "connection.connect_unix_socket.complete"}
-)
-_FAILURES = (httpcore.NetworkError, httpcore.RemoteProtocolError)
+_READ_SIZE = 65536
+_IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
 
 class ConnectError(OSError):
@@ -96,35 +89,27 @@ class HttpStatistics:
     retries: int
 
 
-@attrs.define(eq=False)
-class _Attempt:
-    """How far one attempt got, as httpcore's trace reports it."""
+class _Failed(Exception):
+    """One attempt broke off with `error`."""
 
-    pool: HttpPool
+    def __init__(self, error: ConnectError | ExchangeError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@attrs.define(eq=False)
+class _Progress:
+    """How far one request got: whether it was ever written whole."""
+
     written: bool = False
 
-    async def trace(self, event: str, info: dict[str, Any]) -> None:
-        if event == _WRITTEN:
-            self.written = True
-        elif event in _CONNECTED:
-            self.pool._opened += 1
 
-
-class _Body:
-    """A request body for httpcore: one chunk. Not an async generator (what httpcore makes of
-    bytes), which a failed write would leave unfinished for the garbage collector to warn about."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if not self._data:
-            raise StopAsyncIteration
-        data, self._data = self._data, b""
-        return data
+@attrs.define(eq=False)
+class _Connection:
+    stream: trio.abc.Stream
+    socket: trio.socket.SocketType
+    http: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
+    idle_since: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -155,9 +140,11 @@ class HttpPool:
     timeout: float | None = 5.0
     keepalive_expiry: float = KEEPALIVE_EXPIRY
     max_reply: int | None = None
-    _pool: httpcore.AsyncConnectionPool = attrs.field(init=False)
     _where: str = attrs.field(init=False)
-    _host_header: bytes = attrs.field(init=False)
+    _host_header: str = attrs.field(init=False)
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _idle: list[_Connection] = attrs.field(init=False, factory=list)
+    _busy: set[_Connection] = attrs.field(init=False, factory=set)
     _closed: bool = attrs.field(init=False, default=False)
     _opened: int = attrs.field(init=False, default=0)
     _requests: int = attrs.field(init=False, default=0)
@@ -166,19 +153,13 @@ class HttpPool:
     def __attrs_post_init__(self) -> None:
         if self.scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme {self.scheme!r}: http or https")
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=self.ssl_context,
-            max_connections=self.size,
-            keepalive_expiry=self.keepalive_expiry,
-            uds=self.uds,
-            network_backend=httpcore.TrioBackend(),
-        )
+        if self.scheme == "https" and self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        self._limiter = trio.CapacityLimiter(self.size)
         name = f"[{self.host}]" if ":" in self.host else self.host
         default_port = 443 if self.scheme == "https" else 80
-        host_header = name if self.port in (None, default_port) else f"{name}:{self.port}"
-        self._host_header = host_header.encode("ascii")
-        port = self.port or default_port
-        self._where = self.uds if self.uds is not None else f"{name}:{port}"
+        self._host_header = name if self.port in (None, default_port) else f"{name}:{self.port}"
+        self._where = self.uds if self.uds is not None else f"{name}:{self.port or default_port}"
 
     @classmethod
     def tcp(cls, host: str, port: int, **options: Any) -> HttpPool:
@@ -192,11 +173,10 @@ class HttpPool:
 
     def statistics(self) -> HttpStatistics:
         """Return a snapshot of the counters."""
-        connections = [c for c in self._pool.connections if not c.is_closed()]
         return HttpStatistics(
             connections_opened=self._opened,
-            connections_open=len(connections),
-            connections_idle=sum(1 for c in connections if c.is_idle()),
+            connections_open=len(self._idle) + len(self._busy),
+            connections_idle=len(self._idle),
             requests=self._requests,
             retries=self._retries,
         )
@@ -230,79 +210,155 @@ class HttpPool:
         if self._closed:
             raise ConnectError("the HTTP client is closed")
         retry_written = method in _SAFE if idempotent is None else idempotent
-        all_headers: list[tuple[bytes | str, bytes | str]] = [
-            (b"Content-Length", b"%d" % len(body)),
-            *headers,
-        ]
+        all_headers = [*headers, ("content-length", str(len(body)))]
         if not any(name.lower() == "host" for name, _ in headers):
-            all_headers.insert(0, (b"Host", self._host_header))
-        url = httpcore.URL(scheme=self.scheme, host=self.host, port=self.port, target=target)
-        attempt = _Attempt(self)
+            all_headers.insert(0, ("host", self._host_header))
+        progress = _Progress()
         with trio.move_on_after(self.timeout if self.timeout is not None else float("inf")):
-            try:
-                return await self._send(method, url, all_headers, body, attempt)
-            except (ConnectError, ExchangeError) as failed:
-                if attempt.written and not retry_written:
-                    raise
-                error = failed
-            await self._drop_idle()
-            self._retries += 1
-            attempt = _Attempt(self)
-            try:
-                return await self._send(method, url, all_headers, body, attempt)
-            except (ConnectError, ExchangeError) as failed:
-                raise failed from error
-        kind = ExchangeError if attempt.written else ConnectError
+            async with self._limiter:
+                try:
+                    return await self._attempt(method, target, all_headers, body, progress)
+                except _Failed as failed:
+                    if progress.written and not retry_written:
+                        raise failed.error from None
+                    first = failed.error
+                self._drop_idle()
+                self._retries += 1
+                try:
+                    return await self._attempt(method, target, all_headers, body, progress)
+                except _Failed as failed:
+                    raise failed.error from first
+        kind = ExchangeError if progress.written else ConnectError
         raise kind(f"no reply from {self._where} within {self.timeout:g}s")
 
-    async def _send(
+    async def _attempt(
         self,
         method: str,
-        url: httpcore.URL,
-        headers: list[tuple[bytes | str, bytes | str]],
+        target: str,
+        headers: list[tuple[str, str]],
         body: bytes,
-        attempt: _Attempt,
+        progress: _Progress,
     ) -> HttpReply:
-        self._requests += 1
-        request = httpcore.Request(
-            method, url, headers=headers, content=_Body(body), extensions={"trace": attempt.trace}
-        )
+        conn = self._take_idle()
+        if conn is None:
+            conn = await self._connect()
+        self._busy.add(conn)
         try:
-            response = await self._pool.handle_async_request(request)
-            try:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_stream():
-                    size += len(chunk)
+            self._requests += 1
+            reply = await self._exchange(conn, method, target, headers, body, progress)
+        except BaseException:
+            # Errors, cancellation, timeouts: the h11 state is unknown, and a late reply must
+            # never be read as the next request's.
+            self._busy.discard(conn)
+            await trio.aclose_forcefully(conn.stream)
+            raise
+        self._busy.discard(conn)
+        http = conn.http
+        if http.our_state is h11.DONE and http.their_state is h11.DONE and not self._closed:
+            http.start_next_cycle()
+            conn.idle_since = trio.current_time()
+            self._idle.append(conn)
+        else:
+            await trio.aclose_forcefully(conn.stream)
+        return reply
+
+    def _take_idle(self) -> _Connection | None:
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < self.keepalive_expiry and not conn.socket.is_readable():
+                return conn
+            conn.socket.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        try:
+            stream: trio.abc.Stream
+            if self.uds is not None:
+                stream = await trio.open_unix_socket(self.uds)
+            else:
+                stream = await trio.open_tcp_stream(self.host, self.port or 80)
+                if self.ssl_context is not None:
+                    stream = trio.SSLStream(
+                        stream, self.ssl_context, server_hostname=self.host, https_compatible=True
+                    )
+                    try:
+                        await stream.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+        except (OSError, trio.BrokenResourceError) as exc:
+            error = ConnectError(f"cannot connect to {self._where}: {describe(exc)}")
+            raise _Failed(error) from exc
+        self._opened += 1
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        assert isinstance(transport, trio.SocketStream)
+        return _Connection(stream=stream, socket=transport.socket)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        progress: _Progress,
+    ) -> HttpReply:
+        http = conn.http
+        data = http.send(h11.Request(method=method, target=target, headers=headers))
+        data += http.send(h11.Data(data=body)) if body else b""
+        data += http.send(h11.EndOfMessage())
+        try:
+            await conn.stream.send_all(data)
+        except _IO_ERRORS as exc:
+            error = ConnectError(
+                f"connection to {self._where} broke while sending: {describe(exc)}"
+            )
+            raise _Failed(error) from exc
+        progress.written = True
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    http.receive_data(bytes(await conn.stream.receive_some(_READ_SIZE)))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
                     if self.max_reply is not None and size > self.max_reply:
-                        raise ExchangeError(
+                        too_big = ExchangeError(
                             f"reply from {self._where} larger than {self.max_reply} bytes"
                         )
-                    chunks.append(chunk)
-            finally:
-                await response.aclose()
-        except _FAILURES as exc:
-            if attempt.written:
-                raise ExchangeError(
-                    f"connection to {self._where} lost after the request was sent: {describe(exc)}"
-                ) from exc
-            raise ConnectError(f"cannot connect to {self._where}: {describe(exc)}") from exc
-        return HttpReply(status=response.status, headers=response.headers, body=b"".join(chunks))
+                        raise _Failed(too_big)
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise h11.RemoteProtocolError("server closed the connection with no reply")
+                # InformationalResponse (100 Continue) needs nothing from us.
+        except _IO_ERRORS as exc:
+            lost = ExchangeError(
+                f"connection to {self._where} lost after the request was sent: {describe(exc)}"
+            )
+            raise _Failed(lost) from exc
+        assert response is not None
+        return HttpReply(
+            status=response.status_code, headers=list(response.headers), body=b"".join(chunks)
+        )
 
-    async def _drop_idle(self) -> None:
-        # Shielded: in an already-cancelled caller, the first close would otherwise raise
-        # Cancelled and leave the rest open.
-        with trio.CancelScope(shield=True):
-            for connection in self._pool.connections:
-                if connection.is_idle() and not connection.is_closed():
-                    await connection.aclose()
+    def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.socket.close()
 
     async def aclose(self) -> None:
-        """Refuse new requests and close every connection (a request still in flight on one
-        fails with `ExchangeError`)."""
+        """Refuse new requests and close the idle connections; busy ones close when their
+        exchange ends."""
         self._closed = True
-        with trio.CancelScope(shield=True):
-            await self._pool.aclose()
+        self._drop_idle()
 
 
 def describe(exc: BaseException) -> str:
