@@ -364,14 +364,11 @@ class HttpPool:
 def describe(exc: BaseException) -> str:
     """Name the root of an I/O error, e.g. `ConnectionRefusedError: [Errno 111] ...`.
 
-    httpcore wraps the original error as its first argument and re-raises without the cause;
     trio wraps TLS and socket errors in `BrokenResourceError`, and a failed connect carries the
     error of each address tried in an exception group. The first root says what went wrong.
     """
     while True:
-        if exc.args and isinstance(exc.args[0], BaseException):
-            exc = exc.args[0]
-        elif exc.__cause__ is not None:
+        if exc.__cause__ is not None:
             exc = exc.__cause__
         elif isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]

@@ -5,7 +5,7 @@ How it works, bottom up:
 - `sign_v4` is pure: method, path, query, headers, payload and a clock value in, the headers that
   make an AWS Signature Version 4 request out (`X-Amz-Date`, `X-Amz-Security-Token`,
   `Authorization`). It is checked against AWS's published examples in the tests.
-- `HttpPool` (`mesh_trio._client`, httpcore underneath) holds keep-alive HTTP/1.1 connections
+- `HttpPool` (`mesh_trio._client`, on h11) holds keep-alive HTTP/1.1 connections
   to the one SQS endpoint (TCP, or TLS for `https`), at most `max_connections` at a time. An
   idle connection is reused unless the server closed it meanwhile or it sat idle for
   `_IDLE_LIMIT`; on any error or cancellation the connection is closed.
