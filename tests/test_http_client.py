@@ -7,6 +7,7 @@
   a request that never reached the peer whole is sent again on a fresh connection, writes
   included; one the peer read whole is not re-sent unless idempotent.
 - Connect errors and exchange errors map apart; a cancelled request leaves no connection open.
+- The demo actors retry a 503 or a connection error for a bounded time, then log once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import h11
 import pytest
 import trio
 
-from mesh_trio import _server
+from mesh_trio import _demo, _server
 from mesh_trio._client import ConnectError, ExchangeError, HttpPool
 from tests.harness import WAIT, MeshClient, start_mesh
 from tests.test_proxy_faults import Proxy
@@ -127,7 +128,7 @@ class TinyServer:
     (one action per request, on whatever connection it arrives; REPLY once they run out)."""
 
     port: int = 0
-    actions: list[str] = attrs.field(factory=list)
+    actions: list[str | int] = attrs.field(factory=list)  # an int: answer with that status
     received: list[tuple[int, str, str, int]] = attrs.field(factory=list)
     connections: int = 0
     hanging: trio.Event = attrs.field(factory=trio.Event)
@@ -159,8 +160,11 @@ class TinyServer:
                         pass
                     self.client_closed.set()
                     return
-                body = b"ok"
-                head = h11.Response(status_code=200, headers=[("content-length", str(len(body)))])
+                body = b"" if action == 204 else b"ok"
+                status = action if isinstance(action, int) else 200
+                head = h11.Response(
+                    status_code=status, headers=[("content-length", str(len(body)))]
+                )
                 await stream.send_all(
                     conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
                 )
@@ -299,3 +303,37 @@ async def test_cancelled_mid_request_leaves_no_connection_open(
         await tiny.client_closed.wait()  # the server saw the socket close
     assert (await pool.request("GET", "/after")).status == 200
     assert pool.statistics().connections_opened == 2
+
+
+# -- the demo actors' sidecar retry ------------------------------------------------------------
+
+
+async def test_demo_sidecar_retries_a_503_until_accepted(tiny: TinyServer, pool: HttpPool) -> None:
+    tiny.actions = [503, 503, 204]
+    side = _demo._Sidecar(pool, "/api/v1", "e1")
+    with trio.fail_after(WAIT):
+        await side.status("running", {})
+    assert [r[2] for r in tiny.received] == ["/api/v1/mesh/e1/events"] * 3
+
+
+@pytest.mark.parametrize("unreachable", [True, False], ids=["connect-error", "503"])
+async def test_demo_sidecar_gives_up_after_a_bounded_time_and_logs_once(
+    tiny: TinyServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    unreachable: bool,
+) -> None:
+    monkeypatch.setattr(_demo, "RETRY_FOR", 0.3)
+    port = closed_port() if unreachable else tiny.port
+    tiny.actions = [503] * 100
+    pool = HttpPool.tcp("127.0.0.1", port)
+    side = _demo._Sidecar(pool, "/api/v1", "e1")
+    with trio.fail_after(WAIT), pytest.raises(_demo._Unreachable):
+        await side.post({"type": "fly", "data": {"token": "t"}})
+    await pool.aclose()
+    lines = [r for r in caplog.records if r.name == "mesh_trio.demo"]
+    assert len(lines) == 1 and "not taken in 0.3s" in lines[0].getMessage()
+    if unreachable:
+        assert tiny.received == []
+    else:
+        assert len(tiny.received) > 1  # retried, not just tried
