@@ -29,7 +29,7 @@ LEGACY_DIALECT: Final = SseDialect(
 def legacy_stream(mesh: Mesh, envelope_id: str) -> AsyncIterator[bytes]:
     """The legacy SSE byte stream of one envelope (call `mesh.get` first, for a clean 404).
 
-    Ends after a terminal status, when the hub closes (shutdown), when the envelope disappears,
-    or when the caller stops iterating.
+    Ends after a terminal status, when the broadcaster closes (shutdown), when the envelope
+    disappears, or when the caller stops iterating.
     """
     return mesh.stream(envelope_id, LEGACY_DIALECT)

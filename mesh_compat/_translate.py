@@ -64,6 +64,7 @@ FLY_LIMIT: Final = 1024 * 1024
 FINAL_STATUSES: Final = (Status.SUCCEEDED, Status.FAILED)
 LEGACY_KEEPALIVE: Final = b": keepalive\n\n"
 OK: Final[Mapping[str, str]] = {"status": "ok"}
+PERCENT_KEPT: Final = frozenset({"progress_percent"})
 
 
 class LegacyOp(enum.Enum):
@@ -255,8 +256,11 @@ class LegacyProgress:
         """The core event for this report against the stored envelope.
 
         `paused` when `pause_metadata` is present (its keys merged into the data), `running`
-        otherwise; `progress_percent` never below the stored one. The route keys win over
-        pause metadata of the same name, so the stored route stays the sidecar's.
+        otherwise; `progress_percent` never below the stored one: the larger of the computed
+        and the stored percent, and a `keep_highest` key, so the conditional update keeps the
+        larger one against whatever version it replaces (racing reports cannot lower it). The
+        route keys win over pause metadata of the same name, so the stored route stays the
+        sidecar's.
         """
         data: dict[str, Any] = dict(self.pause_metadata or {})
         data.update(
@@ -269,7 +273,7 @@ class LegacyProgress:
         if self.message is not None:
             data["message"] = self.message
         status = Status.PAUSED if self.pause_metadata is not None else Status.RUNNING
-        return StatusEvent(status=status, data=data)
+        return StatusEvent(status=status, data=data, keep_highest=PERCENT_KEPT)
 
 
 def progress_reply(envelope: Envelope) -> dict[str, Any]:

@@ -257,6 +257,7 @@ def test_percent(prev: list[str], nxt: list[str], state: str, percent: float) ->
             "task_state": state,
             "progress_percent": percent,
         },
+        keep_highest=frozenset({"progress_percent"}),
     )
 
 
@@ -276,6 +277,18 @@ def test_progress_never_decreases(stored: dict[str, Any], reported: float) -> No
     body = raw({"prev": [], "curr": "a", "next": ["b"], "status": "processing"})
     event = LegacyProgress.parse(ID, body).event(envelope(Status.RUNNING, **stored))
     assert event.data["progress_percent"] == reported
+
+
+def test_racing_reports_cannot_lower_progress() -> None:
+    # Both reports read 0 %; the lower one is applied to the version the higher one stored.
+    low = raw({"prev": [], "curr": "a", "next": ["b"], "status": "received"})
+    high = raw({"prev": [], "curr": "a", "next": ["b"], "status": "completed"})
+    read = envelope(Status.RUNNING)
+    first = apply_event(read, LegacyProgress.parse(ID, high).event(read), T1)
+    assert isinstance(first, Applied)
+    second = apply_event(first.envelope, LegacyProgress.parse(ID, low).event(read), T1)
+    assert second.envelope.data["progress_percent"] == 50.0
+    assert second.envelope.data["task_state"] == "received"
 
 
 def test_progress_through_the_status_table() -> None:
@@ -317,6 +330,7 @@ def test_pause_metadata() -> None:
             "task_state": "processing",
             "progress_percent": 50.0,
         },
+        keep_highest=frozenset({"progress_percent"}),
     )
 
 
