@@ -82,6 +82,12 @@ class Config:
         return Router(self.prefix)
 
     @property
+    def extensions(self) -> tuple[str, ...]:
+        """The extension modules to load (`_extension.py`): `ASYA_MESH_COMPAT=1` names
+        `mesh_compat`, the legacy routes."""
+        return ("mesh_compat",) if self.compat else ()
+
+    @property
     def embedded(self) -> bool:
         """True when no state proxy is configured: the in-process store is used."""
         return self.state_proxy_socket is None

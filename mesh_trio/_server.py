@@ -1,19 +1,19 @@
 """`serve()`: one trio process, two hypercorn listeners, and what they share.
 
-Ownership (structured concurrency): `serve()` opens the store and the dispatcher, creates the
-one `Hub`, and owns a nursery with both listeners plus the background tasks (deadline backstop,
-demo actors). `task_status.started(Bound)` is called only once both ports listen.
+Ownership (structured concurrency): `serve()` opens the store, the dispatcher and the one
+`Broadcaster` (`open_broadcaster`: the in-process hub), and owns a nursery with both listeners
+plus the background tasks (deadline backstop, demo actors). `task_status.started(Bound)` is
+called only once both ports listen.
 
 Shutdown is an ordered drain, triggered by `shutdown_trigger` returning:
 
-1. the hub closes: every open SSE stream sends what it has pending and ends cleanly;
+1. the broadcaster closes: every open SSE stream sends what it has pending and ends cleanly;
 2. the listeners stop accepting; in-flight requests get `graceful_timeout` to finish;
 3. background tasks are cancelled; then the dispatcher and the store close, last.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,8 +26,10 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ._backstop import run_backstop
+from ._broadcast import Broadcaster
 from ._config import Config, ConfigError
 from ._demo import run_demo_actors
+from ._extension import Extensions
 from ._hub import Hub
 from ._mesh import Mesh
 from ._store import Store, open_embedded_store
@@ -72,6 +74,20 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
             yield embedded
 
 
+@asynccontextmanager
+async def open_broadcaster(config: Config) -> AsyncIterator[Broadcaster]:
+    """The fan-out of published frames: the in-process hub, closed when the context ends.
+
+    A broadcaster across replicas (through the state proxy) will be chosen here from `config`;
+    `_broadcast.py` says what it needs.
+    """
+    hub = Hub()
+    try:
+        yield hub
+    finally:
+        hub.close()
+
+
 def _port(binds: list[str]) -> int:
     return int(binds[0].rsplit(":", 1)[1])
 
@@ -90,23 +106,21 @@ async def serve(
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(config))
         dispatcher = await stack.enter_async_context(open_transport(config))
-        hub = Hub()
+        broadcaster = await stack.enter_async_context(open_broadcaster(config))
         mesh = Mesh(
             store=store,
             dispatcher=dispatcher,
-            hub=hub,
+            broadcaster=broadcaster,
             namespace=config.namespace,
             gateway_url=config.internal_url,
             keepalive=config.sse_keepalive,
             tracing=config.tracing,
         )
         router = config.router
-        external: Any = external_app(mesh, router, cors_origins=config.cors_origins)
-        internal: Any = InternalApp(mesh, router)
-        if config.compat:
-            # Loaded by name: mesh_trio never imports mesh_compat.
-            compat = importlib.import_module("mesh_compat")
-            internal.fallback = compat.install(external, mesh, router)
+        # Extension modules (mesh_compat with ASYA_MESH_COMPAT=1) are imported by name only here.
+        routes = Extensions.load(config.extensions, mesh, router)
+        external: Any = external_app(mesh, routes, cors_origins=config.cors_origins)
+        internal: Any = InternalApp(mesh, routes)
         stop_listeners = trio.Event()
         settings = partial(
             hypercorn_config,
@@ -151,7 +165,7 @@ async def serve(
                 else:
                     await shutdown_trigger()
                 log.info("shutting down: closing streams, draining requests")
-                hub.close()
+                broadcaster.close()
                 stop_listeners.set()
                 workers.cancel_scope.cancel()
     log.info("mesh API stopped")
