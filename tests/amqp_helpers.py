@@ -38,7 +38,8 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from mesh_trio.transports._amqp import AmqpUrl, _FrameParser, _open_amqp
+from mesh_trio.transports._amqp import AmqpUrl, _open_amqp
+from mesh_trio.transports._amqp_proto import FrameParser
 
 RABBITMQ_URL = os.environ.get("ASYA_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -69,7 +70,7 @@ class AmqpAdmin:
     """A sequential AMQP client on one channel; see the module docstring."""
 
     _stream: trio.abc.Stream
-    _parser: _FrameParser
+    _parser: FrameParser
     _channel: int = 0
     _backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = attrs.field(factory=deque)
 
@@ -224,8 +225,12 @@ class AmqpAdmin:
 @asynccontextmanager
 async def open_admin(url: str = RABBITMQ_URL) -> AsyncIterator[AmqpAdmin]:
     """Connect an `AmqpAdmin` (heartbeats off) and close it on exit."""
-    stream, parser, _ = await _open_amqp(AmqpUrl.parse(url), heartbeat=0, connect_timeout=5.0)
-    admin = AmqpAdmin(stream=stream, parser=parser)
+    # No channels of the dispatcher's: after OpenOk the broker sends nothing unasked (heartbeats
+    # are off), so the admin's own parser starts on a frame boundary.
+    stream, _, _ = await _open_amqp(
+        AmqpUrl.parse(url), heartbeat=0, connect_timeout=5.0, channels=0
+    )
+    admin = AmqpAdmin(stream=stream, parser=FrameParser())
     try:
         await admin._open_channel()
         yield admin
@@ -362,7 +367,7 @@ class FakePeer:
 
     index: int
     _stream: trio.abc.Stream
-    _parser: _FrameParser = attrs.field(factory=_FrameParser)
+    _parser: FrameParser = attrs.field(factory=FrameParser)
     _backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = attrs.field(factory=deque)
     _tags: dict[int, int] = attrs.field(factory=dict)
 

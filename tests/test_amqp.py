@@ -29,11 +29,10 @@ from mesh_trio.transports import ActorNotFound, DispatchUnavailable
 from mesh_trio.transports._amqp import (
     AmqpUrl,
     RabbitDispatcher,
-    _ConnectionFault,
-    _FrameParser,
     actor_routing_key,
     open_rabbitmq_dispatcher,
 )
+from mesh_trio.transports._amqp_proto import ConnectionFault, FrameParser
 from tests.amqp_helpers import (
     RABBITMQ_URL,
     AmqpAdmin,
@@ -138,19 +137,19 @@ def test_frame_parser_reassembles_frames_cut_anywhere() -> None:
     wire = b"".join(pamqp_frame.marshal(frame, channel) for channel, frame in frames)
     expected = [(channel, type(frame).__name__) for channel, frame in frames]
 
-    whole = _FrameParser().feed(wire)
+    whole = FrameParser().feed(wire)
     assert [(channel, type(frame).__name__) for channel, frame in whole] == expected
     assert isinstance(whole[1][1], commands.Basic.Return)
     assert whole[1][1].routing_key == "asya-ns-a"
 
-    parser = _FrameParser()
+    parser = FrameParser()
     trickled = [frame for i in range(len(wire)) for frame in parser.feed(wire[i : i + 1])]
     assert [(channel, type(frame).__name__) for channel, frame in trickled] == expected
 
 
 def test_frame_parser_rejects_bytes_that_are_not_amqp() -> None:
-    with pytest.raises(_ConnectionFault, match="protocol error"):
-        _FrameParser().feed(b"\x01\x00\x01\x00\x00\x00\x05hello\x00")  # bad frame-end octet
+    with pytest.raises(ConnectionFault, match="protocol error"):
+        FrameParser().feed(b"\x01\x00\x01\x00\x00\x00\x05hello\x00")  # bad frame-end octet
 
 
 async def test_unreachable_broker_fails_sends_fast_and_exits_cleanly(

@@ -1,25 +1,21 @@
 """The RabbitMQ transport of the dispatch seam: AMQP 0-9-1 spoken from trio, without threads.
 
-How it works, bottom up:
+This module is the trio shell around the sans-IO protocol of `_amqp_proto.py`
+(`ClientConnection`: the handshake, channels, publisher-confirm bookkeeping, returns, what a
+lost connection does to in-flight publishes). pamqp is the frame codec only. The shell owns
+what needs I/O or a clock:
 
-- pamqp is the frame codec only (`pamqp.frame.marshal` / `unmarshal`, `pamqp.commands`);
-  everything that moves bytes is ours. `_FrameParser` is sans-IO: bytes in, `(channel, frame)`
-  pairs out. `_open_amqp` opens a `trio.SocketStream` (wrapped in a `trio.SSLStream` for
-  `amqps://`) and runs the handshake (protocol header, Start/StartOk with PLAIN, Tune/TuneOk,
-  Open/OpenOk) under one `connect_timeout`.
-- `_Connection` is one live AMQP connection. A writer task owns the send side: callers append
-  already-encoded frames to an outgoing list (a synchronous step, so a publish is never half
-  written and never interleaved with another one) and the writer flushes the whole list in one
-  `send_all`; when it had nothing to write for half the negotiated heartbeat it sends a heartbeat.
-  A reader task owns the receive side, cuts frames and routes them; silence from the broker for
-  two heartbeats means the connection is dead.
-- The connection holds a small pool of channels, each in confirm mode (`Confirm.Select`). A
-  publish takes the open channel with the fewest unconfirmed messages, gets the channel's next
-  delivery tag, and waits for that tag's `Basic.Ack` (`multiple=True` settles every tag up to
-  it). A channel holds at most `max_in_flight / channels` unconfirmed publishes; a send waits
-  (parked) for room. Unroutable messages come back as `Basic.Return` (the message is published
-  `mandatory`); RabbitMQ sends the return right before the ack of the same message, so the
-  return is matched to the tag of the ack that follows it, and that send raises `ActorNotFound`.
+- `_open_amqp` opens a `trio.SocketStream` (wrapped in a `trio.SSLStream` for `amqps://`) and
+  drives the handshake to `Connected`, all within one `connect_timeout`.
+- `_Connection` is one live connection. A writer task owns the send side: a publish queues its
+  already-encoded frames in the protocol object (a synchronous step, so a publish is never half
+  written and never interleaved with another one) and the writer flushes everything queued in
+  one `send_all`; when it had nothing to write for half the negotiated heartbeat it sends a
+  heartbeat. A reader task owns the receive side and hands the bytes to the protocol; silence
+  from the broker for two heartbeats means the connection is dead. A send waits on a
+  `trio.Event` of its own until its `Publication` is `Settled`, and parks while every channel
+  is at capacity. The channels must open within `connect_timeout`, and so must a channel the
+  broker closed and we reopen.
 - `RabbitDispatcher` supervises connections in a nursery owned by `open_rabbitmq_dispatcher`:
   connect, run until the connection dies, back off (exponential, capped), connect again. It
   never waits for a broker on behalf of a caller: while there is no live connection `send`
@@ -38,24 +34,31 @@ import logging
 import math
 import platform
 import ssl
-import struct
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 import trio
-from pamqp import commands, common
-from pamqp import exceptions as pamqp_exceptions
-from pamqp import frame as pamqp_frame
-from pamqp.base import Frame as MethodFrame
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader, ProtocolHeader
-from pamqp.heartbeat import Heartbeat
+from pamqp import commands
 
-from . import ActorNotFound, DispatchError, DispatchUnavailable
+from . import ActorNotFound, DispatchUnavailable
+from ._amqp_proto import (
+    Blocked,
+    ChannelClosed,
+    ChannelOpened,
+    ClientConnection,
+    Closed,
+    Connected,
+    ConnectionFault,
+    Counters,
+    Event,
+    Publication,
+    Ready,
+    Settled,
+    Tuning,
+    Unblocked,
+)
 
 __all__ = [
     "AmqpUrl",
@@ -67,23 +70,7 @@ __all__ = [
 
 logger = logging.getLogger("mesh_trio.amqp")
 
-_FRAME_HEADER = struct.Struct(">BHI")
-_FRAME_OVERHEAD = 8  # 7-byte header + frame-end octet
-_OUR_FRAME_MAX = 131072  # RabbitMQ's default; bodies are cut into frames of at most this size
-_LARGEST_FRAME = 1 << 24  # refuse to buffer a frame bigger than this from a confused peer
 _READ_SIZE = 65536
-_REPLY_SUCCESS = 200
-_NO_ROUTE = 312
-_NOT_FOUND = 404
-_PUBLISH_FRAME_CACHE = 4096  # encoded Basic.Publish frames kept per connection
-_PUBLISH_PROPERTIES = commands.Basic.Properties(content_type="application/json", delivery_mode=2)
-# Replies of the synchronous channel methods we send.
-_REPLIES: dict[type[MethodFrame], type[MethodFrame]] = {
-    commands.Channel.Open: commands.Channel.OpenOk,
-    commands.Confirm.Select: commands.Confirm.SelectOk,
-}
-
-_M = TypeVar("_M", bound=MethodFrame)
 _Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
@@ -183,25 +170,6 @@ class RabbitStatistics:
 
 
 @attrs.define(eq=False)
-class _Counters:
-    published: int = 0
-    confirmed: int = 0
-    returned: int = 0
-    nacked: int = 0
-    lost: int = 0
-    timed_out: int = 0
-    reconnects: int = 0
-
-
-class _ConnectionFault(Exception):
-    """A connection or handshake failed; `reason` says why in words an operator can act on."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@attrs.define(eq=False)
 class _FaultLog:
     """Logs a fault at WARNING the first time, repeats of the same fault at DEBUG."""
 
@@ -218,71 +186,6 @@ class _FaultLog:
         self._last = None
 
 
-class _FrameParser:
-    """Cuts an AMQP byte stream into frames (sans-IO).
-
-    `feed` takes whatever bytes arrived and returns every complete frame with its channel
-    number; an incomplete tail waits for the next `feed`. Bytes that are not AMQP raise
-    `_ConnectionFault`.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes | bytearray) -> list[tuple[int, pamqp_frame.FrameTypes]]:
-        buffer = self._buffer
-        buffer += data
-        frames: list[tuple[int, pamqp_frame.FrameTypes]] = []
-        position = 0
-        available = len(buffer)
-        while available - position >= _FRAME_OVERHEAD:
-            if buffer.startswith(b"AMQP", position):
-                # The broker answers an unsupported protocol header with its own, then closes.
-                end = position + 8
-            else:
-                _, _, size = _FRAME_HEADER.unpack_from(buffer, position)
-                if size > _LARGEST_FRAME:
-                    raise _ConnectionFault(f"protocol error: frame of {size} bytes announced")
-                end = position + _FRAME_OVERHEAD + size
-                if end > available:
-                    break
-            try:
-                _, channel, frame = pamqp_frame.unmarshal(bytes(buffer[position:end]))
-            except pamqp_exceptions.UnmarshalingException as exc:
-                raise _ConnectionFault(f"protocol error: {exc}") from None
-            frames.append((channel, frame))
-            position = end
-        if position:
-            del buffer[:position]
-        return frames
-
-
-@attrs.frozen(kw_only=True)
-class _Tuning:
-    channel_max: int
-    frame_max: int
-    heartbeat: int
-
-
-def _client_properties() -> common.FieldTable:
-    return {
-        "product": "asya-mesh-api (mesh_trio)",
-        "platform": f"Python {platform.python_version()} / trio {trio.__version__}",
-        "connection_name": "asya-mesh-api",
-        "capabilities": {
-            "publisher_confirms": True,
-            "basic.nack": True,
-            "connection.blocked": True,
-            "authentication_failure_close": True,
-            "consumer_cancel_notify": True,
-        },
-    }
-
-
-def _close_reason(frame: commands.Connection.Close | commands.Channel.Close) -> str:
-    return f"{frame.reply_code} {frame.reply_text}"
-
-
 def _describe_os_error(exc: OSError) -> str:
     """The first underlying error of trio's "all attempts to connect ... failed"."""
     cause = exc.__cause__
@@ -291,49 +194,8 @@ def _describe_os_error(exc: OSError) -> str:
     return str(exc)
 
 
-def _negotiate(server: int, ours: int) -> int:
-    """Pick the lower of two limits where 0 means "no limit"."""
-    if server == 0:
-        return ours
-    if ours == 0:
-        return server
-    return min(server, ours)
-
-
-async def _read_frame(
-    stream: _Stream,
-    parser: _FrameParser,
-    backlog: deque[tuple[int, pamqp_frame.FrameTypes]],
-) -> tuple[int, pamqp_frame.FrameTypes]:
-    while not backlog:
-        data = await stream.receive_some(_READ_SIZE)
-        if not data:
-            raise _ConnectionFault("RabbitMQ closed the connection during the handshake")
-        backlog.extend(parser.feed(data))
-    return backlog.popleft()
-
-
-async def _expect_on_zero(
-    stream: _Stream,
-    parser: _FrameParser,
-    backlog: deque[tuple[int, pamqp_frame.FrameTypes]],
-    expected: type[_M],
-    doing: str,
-) -> _M:
-    """Read handshake frames (channel 0) until `expected`; a `Connection.Close` is a fault."""
-    while True:
-        channel, frame = await _read_frame(stream, parser, backlog)
-        if isinstance(frame, expected):
-            return frame
-        if isinstance(frame, Heartbeat):
-            continue
-        if isinstance(frame, commands.Connection.Close):
-            await stream.send_all(pamqp_frame.marshal(commands.Connection.CloseOk(), 0))
-            raise _ConnectionFault(f"RabbitMQ refused {doing}: {_close_reason(frame)}")
-        if isinstance(frame, ProtocolHeader):
-            version = f"{frame.major_version}-{frame.minor_version}-{frame.revision}"
-            raise _ConnectionFault(f"RabbitMQ does not speak AMQP 0-9-1 (it offered {version})")
-        raise _ConnectionFault(f"unexpected {frame.name} on channel {channel} while {doing}")
+def _platform() -> str:
+    return f"Python {platform.python_version()} / trio {trio.__version__}"
 
 
 async def _open_amqp(
@@ -342,15 +204,30 @@ async def _open_amqp(
     heartbeat: int,
     connect_timeout: float,
     channels: int = 1,
+    capacity: int = 1,
+    exchange: str = "",
+    counters: Counters | None = None,
     ssl_context: ssl.SSLContext | None = None,
-) -> tuple[_Stream, _FrameParser, _Tuning]:
+) -> tuple[_Stream, ClientConnection, Tuning]:
     """Connect (TLS for `amqps://`) and run the AMQP handshake, all within `connect_timeout`.
 
-    Returns the stream, the parser (it may hold bytes already read) and the negotiated tuning.
+    Returns the stream, the protocol (in `OPENING_CHANNELS`, the first `Channel.Open` queued
+    unless `channels` is 0) and the negotiated tuning.
 
     Raises:
-        _ConnectionFault: the broker is unreachable, refused us, or did not finish in time.
+        ConnectionFault: the broker is unreachable, refused us, or did not finish in time.
     """
+    proto = ClientConnection(
+        username=url.username,
+        password=url.password,
+        vhost=url.vhost,
+        heartbeat=heartbeat,
+        channels=channels,
+        capacity=capacity,
+        exchange=exchange,
+        platform=_platform(),
+        counters=counters or Counters(),
+    )
     stream: _Stream | None = None
     try:
         with trio.fail_after(connect_timeout):
@@ -359,132 +236,63 @@ async def _open_amqp(
                 context = ssl_context or ssl.create_default_context()
                 stream = trio.SSLStream(stream, context, server_hostname=url.host)
                 await stream.do_handshake()
-            parser = _FrameParser()
-            backlog: deque[tuple[int, pamqp_frame.FrameTypes]] = deque()
-            await stream.send_all(ProtocolHeader().marshal())
-            start = await _expect_on_zero(
-                stream, parser, backlog, commands.Connection.Start, "the connection"
-            )
-            mechanisms = start.mechanisms
-            if isinstance(mechanisms, bytes):
-                mechanisms = mechanisms.decode("utf-8", "replace")
-            if "PLAIN" not in str(mechanisms).split():
-                raise _ConnectionFault(f"RabbitMQ does not offer PLAIN login ({mechanisms})")
-            start_ok = commands.Connection.StartOk(
-                client_properties=_client_properties(),
-                mechanism="PLAIN",
-                response=f"\0{url.username}\0{url.password}",
-            )
-            await stream.send_all(pamqp_frame.marshal(start_ok, 0))
-            tune = await _expect_on_zero(
-                stream, parser, backlog, commands.Connection.Tune, f"the login of {url.username!r}"
-            )
-            tuning = _Tuning(
-                channel_max=_negotiate(tune.channel_max, 65535),
-                frame_max=_negotiate(tune.frame_max, _OUR_FRAME_MAX),
-                heartbeat=0 if heartbeat == 0 else _negotiate(tune.heartbeat, heartbeat),
-            )
-            if tuning.channel_max < channels:
-                raise _ConnectionFault(f"RabbitMQ allows only {tuning.channel_max} channels")
-            tune_ok = commands.Connection.TuneOk(
-                channel_max=tuning.channel_max,
-                frame_max=tuning.frame_max,
-                heartbeat=tuning.heartbeat,
-            )
-            await stream.send_all(
-                pamqp_frame.marshal(tune_ok, 0)
-                + pamqp_frame.marshal(commands.Connection.Open(virtual_host=url.vhost), 0)
-            )
-            await _expect_on_zero(
-                stream, parser, backlog, commands.Connection.OpenOk, f"vhost {url.vhost!r}"
-            )
-            if backlog:
-                raise _ConnectionFault("unexpected frames right after the handshake")
-            return stream, parser, tuning
+            tuning: Tuning | None = None
+            while tuning is None:
+                if proto.has_data:
+                    await stream.send_all(proto.data_to_send())
+                data = await stream.receive_some(_READ_SIZE)
+                if not data:
+                    raise ConnectionFault("RabbitMQ closed the connection during the handshake")
+                for event in proto.receive_data(data):
+                    if isinstance(event, Closed):
+                        if proto.has_data:  # the CloseOk of a refusal
+                            await stream.send_all(proto.data_to_send())
+                        raise ConnectionFault(event.reason)
+                    if isinstance(event, Connected):
+                        tuning = event.tuning
+            return stream, proto, tuning
     except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
         if isinstance(exc, trio.TooSlowError):
-            raise _ConnectionFault(
+            raise ConnectionFault(
                 f"no AMQP handshake within {connect_timeout:g}s (connect_timeout)"
             ) from None
         if isinstance(exc, OSError):
-            raise _ConnectionFault(f"TCP connect failed: {_describe_os_error(exc)}") from None
+            raise ConnectionFault(f"TCP connect failed: {_describe_os_error(exc)}") from None
         if isinstance(exc, trio.BrokenResourceError):
             if isinstance(exc.__cause__, ssl.SSLError):
-                raise _ConnectionFault(f"TLS handshake failed: {exc.__cause__}") from None
-            raise _ConnectionFault(f"the connection broke during the handshake: {exc}") from None
+                raise ConnectionFault(f"TLS handshake failed: {exc.__cause__}") from None
+            raise ConnectionFault(f"the connection broke during the handshake: {exc}") from None
         raise
 
 
 @attrs.define(eq=False)
-class _Pending:
-    """One publish waiting for its confirm. `error` stays None when the broker acked it."""
-
-    queue: str
-    routing_key: str
-    done: trio.Event = attrs.field(factory=trio.Event)
-    error: DispatchError | None = None
-
-    def settle(self, error: DispatchError | None) -> None:
-        self.error = error
-        self.done.set()
-
-
-@attrs.define(eq=False)
-class _Rpc:
-    """A synchronous channel method waiting for its reply (Channel.Open, Confirm.Select)."""
-
-    expected: type[MethodFrame]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    error: str | None = None
-
-
-@attrs.define(eq=False)
-class _Channel:
-    """One confirm-mode channel: delivery tags handed out and not yet settled, in tag order."""
-
-    number: int
-    capacity: int
-    is_open: bool = False
-    next_tag: int = 1
-    pending: dict[int, _Pending] = attrs.field(factory=dict)
-    # Routing keys of `Basic.Return`s received whose ack has not arrived yet.
-    returned: deque[str] = attrs.field(factory=deque)
-    # A `Basic.Return` whose content (header + body frames) is still arriving; bytes left.
-    return_key: str | None = None
-    return_left: int = -1
-    rpc: _Rpc | None = None
-
-
-@attrs.define(eq=False)
 class _Connection:
-    """One live AMQP connection and its channels; see the module docstring."""
+    """One live AMQP connection: the trio side of a `ClientConnection`; see the module
+    docstring."""
 
     stream: _Stream
-    parser: _FrameParser
-    tuning: _Tuning
+    proto: ClientConnection
+    tuning: Tuning
     url: AmqpUrl
-    exchange: str
-    counters: _Counters
     faults: _FaultLog
     rpc_timeout: float
-    channel_count: int
-    capacity: int
-    channels: dict[int, _Channel] = attrs.field(factory=dict)
     nursery: trio.Nursery | None = None
     closed: trio.Event = attrs.field(factory=trio.Event)
-    close_reason: str | None = None
-    closing: bool = False
-    blocked: str | None = None
-    _out: list[bytes] = attrs.field(factory=list)
+    _ready: trio.Event = attrs.field(factory=trio.Event)
+    _channels_changed: trio.Event = attrs.field(factory=trio.Event)
     _out_ready: trio.Event = attrs.field(factory=trio.Event)
     _room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
-    _publish_frames: dict[tuple[int, str], bytes] = attrs.field(factory=dict)
+    _waiters: dict[Publication, trio.Event] = attrs.field(factory=dict)
 
     @property
     def usable(self) -> bool:
-        return self.close_reason is None and not self.closing
+        return self.proto.usable
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.proto.close_reason
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -495,17 +303,12 @@ class _Connection:
                 self.nursery = nursery
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._write_loop)
-                try:
-                    with trio.fail_after(self.rpc_timeout):
-                        for number in range(1, self.channel_count + 1):
-                            channel = _Channel(number=number, capacity=self.capacity)
-                            self.channels[number] = channel
-                            await self._open_channel(channel)
-                except trio.TooSlowError:
+                self._out_ready.set()  # the first Channel.Open
+                with trio.move_on_after(self.rpc_timeout):
+                    await self._ready.wait()
+                if not self._ready.is_set():
                     self.die(f"channels not opened within {self.rpc_timeout:g}s")
-                except _ConnectionFault as fault:
-                    self.die(fault.reason)
-                else:
+                elif self.usable:
                     on_ready()
                 await self.closed.wait()
                 nursery.cancel_scope.cancel()
@@ -514,112 +317,61 @@ class _Connection:
             await trio.aclose_forcefully(self.stream)
 
     def die(self, reason: str) -> None:
-        """Mark the connection dead: fail every unconfirmed publish and waiting RPC."""
-        if self.close_reason is not None:
-            return
-        self.close_reason = reason
-        for channel in self.channels.values():
-            self._fail_channel(channel, f"RabbitMQ connection lost before the confirm: {reason}")
-        self._room.unpark_all()
-        self.closed.set()
+        """Mark the connection dead: fail every unconfirmed publish, wake every waiter."""
+        self._handle(self.proto.connection_lost(reason))
 
     async def close(self, timeout: float) -> None:
         """Close politely (Connection.Close, wait for CloseOk) within `timeout`."""
         if not self.usable:
             return
-        self.closing = True
-        for channel in self.channels.values():
-            self._fail_channel(channel, "the RabbitMQ dispatcher is closing")
+        self._handle(self.proto.close())
         self._room.unpark_all()
-        self._write(0, commands.Connection.Close(_REPLY_SUCCESS, "mesh api shutting down", 0, 0))
         with trio.move_on_after(timeout):
             await self.closed.wait()
         self.die("closed by the mesh api")
 
     # -- publishing -----------------------------------------------------------------------
 
-    def _pick_channel(self) -> _Channel | None:
-        best: _Channel | None = None
-        for channel in self.channels.values():
-            load = len(channel.pending)
-            if (
-                channel.is_open
-                and load < channel.capacity
-                and (best is None or load < len(best.pending))
-            ):
-                best = channel
-        return best
-
-    async def publish(self, queue: str, routing_key: str, body: bytes) -> _Pending:
-        """Write one publish on the least busy channel (waiting for room) and return its
-        pending confirm.
+    async def publish(self, queue: str, routing_key: str, body: bytes) -> Publication:
+        """Queue one publish on the least busy channel (waiting for room) and return it; wait
+        for its outcome with `settled(publication)`.
 
         Raises:
             DispatchUnavailable: the connection died or is closing, or the broker blocked us.
         """
         while True:
-            if not self.usable:
-                raise DispatchUnavailable(
-                    f"RabbitMQ connection lost: {self.close_reason or 'the dispatcher is closing'}"
-                )
-            if self.blocked is not None:
-                raise DispatchUnavailable(f"RabbitMQ blocked publishing: {self.blocked}")
-            channel = self._pick_channel()
-            if channel is not None:
+            publication = self.proto.publish(queue, routing_key, body)
+            if publication is not None:
                 break
             await self._room.park()
-        pending = _Pending(queue=queue, routing_key=routing_key)
-        channel.pending[channel.next_tag] = pending
-        channel.next_tag += 1
-        number = channel.number
-        out = self._out
-        out.append(self._publish_frame(number, routing_key))
-        out.append(
-            pamqp_frame.marshal(
-                ContentHeader(body_size=len(body), properties=_PUBLISH_PROPERTIES), number
-            )
-        )
-        step = self.tuning.frame_max - _FRAME_OVERHEAD
-        for start in range(0, len(body), step):
-            out.append(pamqp_frame.marshal(ContentBody(body[start : start + step]), number))
         self._out_ready.set()
-        return pending
+        return publication
 
-    def _publish_frame(self, number: int, routing_key: str) -> bytes:
-        # Encoding a Basic.Publish costs about as much as the rest of a send; actors are few.
-        key = (number, routing_key)
-        encoded = self._publish_frames.get(key)
-        if encoded is None:
-            if len(self._publish_frames) >= _PUBLISH_FRAME_CACHE:
-                self._publish_frames.clear()
-            method = commands.Basic.Publish(
-                exchange=self.exchange, routing_key=routing_key, mandatory=True
-            )
-            encoded = self._publish_frames[key] = pamqp_frame.marshal(method, number)
-        return encoded
+    async def settled(self, publication: Publication) -> None:
+        """Wait until `publication` has its outcome."""
+        if not publication.settled:
+            done = self._waiters.get(publication)
+            if done is None:
+                done = self._waiters[publication] = trio.Event()
+            await done.wait()
 
     def in_flight(self) -> int:
-        return sum(len(channel.pending) for channel in self.channels.values())
+        return self.proto.in_flight()
 
     # -- the wire -------------------------------------------------------------------------
-
-    def _write(self, number: int, frame: pamqp_frame.FrameTypes) -> None:
-        self._out.append(pamqp_frame.marshal(frame, number))
-        self._out_ready.set()
 
     async def _write_loop(self) -> None:
         heartbeat = self.tuning.heartbeat
         interval = heartbeat / 2 if heartbeat else math.inf
+        proto = self.proto
         try:
             while True:
                 with trio.move_on_after(interval):
                     await self._out_ready.wait()
                 self._out_ready = trio.Event()
-                if not self._out:
-                    self._out.append(Heartbeat.marshal())
-                data = b"".join(self._out)
-                self._out.clear()
-                await self.stream.send_all(data)
+                if not proto.has_data:
+                    proto.send_heartbeat()
+                await self.stream.send_all(proto.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.die(f"cannot write to RabbitMQ: {exc or type(exc).__name__}")
 
@@ -637,166 +389,55 @@ class _Connection:
                 if not data:
                     self.die("RabbitMQ closed the TCP connection")
                     return
-                for number, frame in self.parser.feed(data):
-                    self._on_frame(number, frame)
+                self._handle(self.proto.receive_data(data))
+                if self.closed.is_set():
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.die(f"cannot read from RabbitMQ: {exc or type(exc).__name__}")
-        except _ConnectionFault as fault:
-            self.die(fault.reason)
 
-    # -- incoming frames ------------------------------------------------------------------
-
-    def _on_frame(self, number: int, frame: pamqp_frame.FrameTypes) -> None:
-        if number == 0:
-            self._on_connection_frame(frame)
-            return
-        channel = self.channels.get(number)
-        if channel is None:
-            logger.debug("ignoring %s on unknown channel %d", frame.name, number)
-            return
-        if isinstance(frame, commands.Basic.Ack):
-            self._settle(channel, frame.delivery_tag, frame.multiple, nacked=False)
-        elif isinstance(frame, commands.Basic.Nack):
-            self._settle(channel, frame.delivery_tag, frame.multiple, nacked=True)
-        elif isinstance(frame, commands.Basic.Return):
-            channel.return_key = frame.routing_key or ""
-            channel.return_left = -1
-        elif isinstance(frame, ContentHeader):
-            channel.return_left = frame.body_size
-            self._maybe_end_return(channel)
-        elif isinstance(frame, ContentBody):
-            channel.return_left -= len(frame)
-            self._maybe_end_return(channel)
-        elif isinstance(frame, commands.Channel.Close):
-            self._on_channel_close(channel, frame)
-        elif isinstance(frame, commands.Channel.Flow):
-            self._write(number, commands.Channel.FlowOk(active=frame.active))
-        elif channel.rpc is not None and isinstance(frame, channel.rpc.expected):
-            channel.rpc.done.set()
-        else:
-            logger.debug("ignoring %s on channel %d", frame.name, number)
-
-    def _on_connection_frame(self, frame: pamqp_frame.FrameTypes) -> None:
-        if isinstance(frame, Heartbeat):
-            return
-        if isinstance(frame, commands.Connection.Close):
-            self._write(0, commands.Connection.CloseOk())
-            self.die(f"RabbitMQ closed the connection: {_close_reason(frame)}")
-        elif isinstance(frame, commands.Connection.CloseOk):
-            self.die("closed by the mesh api")
-        elif isinstance(frame, commands.Connection.Blocked):
-            self.blocked = frame.reason or "resource alarm"
-            self.faults.note(f"RabbitMQ blocked publishing on {self.url.display}: {self.blocked}")
-        elif isinstance(frame, commands.Connection.Unblocked):
-            self.blocked = None
-            logger.info("RabbitMQ unblocked publishing on %s", self.url.display)
-            self.faults.clear()
-        else:
-            logger.debug("ignoring %s on channel 0", frame.name)
-
-    def _maybe_end_return(self, channel: _Channel) -> None:
-        if channel.return_key is not None and channel.return_left == 0:
-            channel.returned.append(channel.return_key)
-            channel.return_key = None
-
-    def _settle(self, channel: _Channel, tag: int, multiple: bool, *, nacked: bool) -> None:
-        pending = channel.pending
-        if multiple:
-            tags = []
-            for candidate in pending:  # insertion order is tag order
-                if candidate > tag:
-                    break
-                tags.append(candidate)
-        else:
-            tags = [tag] if tag in pending else []
-        returned_tag = None
-        if channel.returned:
-            # The return precedes the ack of the same message, whose tag the ack carries.
-            key = channel.returned.popleft()
-            if tag in pending and pending[tag].routing_key == key:
-                returned_tag = tag
-            else:
-                returned_tag = next((t for t in tags if pending[t].routing_key == key), None)
-        counters = self.counters
-        for settled in tags:
-            entry = pending.pop(settled)
-            if settled == returned_tag:
-                counters.returned += 1
-                entry.settle(
-                    ActorNotFound(
-                        f"queue {entry.queue!r} does not exist: RabbitMQ returned the message "
-                        f"as unroutable ({_NO_ROUTE} NO_ROUTE, exchange {self.exchange!r}, "
-                        f"routing key {entry.routing_key!r})"
-                    )
+    def _handle(self, events: list[Event]) -> None:
+        """Act on what the protocol said: wake senders, log faults, watch reopens."""
+        for event in events:
+            if isinstance(event, Settled):
+                waiters = self._waiters
+                for publication in event.publications:
+                    done = waiters.pop(publication, None)
+                    if done is not None:
+                        done.set()
+                self._room.unpark(count=len(event.publications))
+            elif isinstance(event, ChannelOpened):
+                self._room.unpark_all()
+                self._channels_changed.set()
+                self._channels_changed = trio.Event()
+            elif isinstance(event, Ready):
+                self._ready.set()
+            elif isinstance(event, ChannelClosed):
+                self.faults.note(f"{event.reason}; reopening the channel")
+                if self.nursery is not None:
+                    self.nursery.start_soon(self._watch_reopen, event.number)
+            elif isinstance(event, Blocked):
+                self.faults.note(
+                    f"RabbitMQ blocked publishing on {self.url.display}: {event.reason}"
                 )
-            elif nacked:
-                counters.nacked += 1
-                entry.settle(
-                    DispatchUnavailable(
-                        f"RabbitMQ refused the message for {entry.queue!r} (basic.nack: "
-                        "the queue rejects publishes or the broker failed to store it)"
-                    )
-                )
-            else:
-                counters.confirmed += 1
-                entry.settle(None)
-        if tags:
-            self._room.unpark(count=len(tags))
+            elif isinstance(event, Unblocked):
+                logger.info("RabbitMQ unblocked publishing on %s", self.url.display)
+                self.faults.clear()
+            elif isinstance(event, Closed):
+                self._room.unpark_all()
+                self._ready.set()
+                self._channels_changed.set()
+                self.closed.set()
+        if self.proto.has_data:
+            self._out_ready.set()
 
-    def _on_channel_close(self, channel: _Channel, frame: commands.Channel.Close) -> None:
-        self._write(channel.number, commands.Channel.CloseOk())
-        if frame.reply_code == _NOT_FOUND and "exchange" in frame.reply_text:
-            reason = (
-                f"exchange {self.exchange!r} not found on RabbitMQ vhost {self.url.vhost!r} "
-                f"({_close_reason(frame)})"
-            )
-        else:
-            reason = f"RabbitMQ closed channel {channel.number}: {_close_reason(frame)}"
-        self.faults.note(f"{reason}; reopening the channel")
-        self._fail_channel(channel, reason)
-        replacement = _Channel(number=channel.number, capacity=channel.capacity)
-        self.channels[channel.number] = replacement
-        if self.usable and self.nursery is not None:
-            self.nursery.start_soon(self._reopen_channel, replacement)
-
-    def _fail_channel(self, channel: _Channel, reason: str) -> None:
-        channel.is_open = False
-        if channel.rpc is not None:
-            channel.rpc.error = reason
-            channel.rpc.done.set()
-        if channel.pending:
-            self.counters.lost += len(channel.pending)
-            for entry in channel.pending.values():
-                entry.settle(DispatchUnavailable(reason))
-            channel.pending.clear()
-
-    # -- channel setup ----------------------------------------------------------------------
-
-    async def _rpc(self, channel: _Channel, method: MethodFrame) -> None:
-        rpc = _Rpc(expected=_REPLIES[type(method)])
-        channel.rpc = rpc
-        self._write(channel.number, method)
-        await rpc.done.wait()
-        channel.rpc = None
-        if rpc.error is not None:
-            raise _ConnectionFault(rpc.error)
-        if not self.usable:
-            raise _ConnectionFault(self.close_reason or "the connection is closing")
-
-    async def _open_channel(self, channel: _Channel) -> None:
-        await self._rpc(channel, commands.Channel.Open())
-        await self._rpc(channel, commands.Confirm.Select())
-        channel.is_open = True
-        self._room.unpark_all()
-
-    async def _reopen_channel(self, channel: _Channel) -> None:
-        try:
-            with trio.fail_after(self.rpc_timeout):
-                await self._open_channel(channel)
-        except trio.TooSlowError:
-            self.die(f"channel {channel.number} not reopened within {self.rpc_timeout:g}s")
-        except _ConnectionFault as fault:
-            self.die(f"cannot reopen channel {channel.number}: {fault.reason}")
+    async def _watch_reopen(self, number: int) -> None:
+        with trio.move_on_after(self.rpc_timeout):
+            while not self.proto.channel_is_open(number):
+                if not self.usable:
+                    return
+                await self._channels_changed.wait()
+            return
+        self.die(f"channel {number} not reopened within {self.rpc_timeout:g}s")
 
 
 @attrs.define(eq=False)
@@ -818,7 +459,7 @@ class RabbitDispatcher:
     _backoff_min: float
     _backoff_max: float
     _ssl_context: ssl.SSLContext | None
-    _counters: _Counters = attrs.field(factory=_Counters)
+    _counters: Counters = attrs.field(factory=Counters)
     _faults: _FaultLog = attrs.field(factory=_FaultLog)
     _conn: _Connection | None = None
     _down_reason: str = "not connected yet"
@@ -864,17 +505,17 @@ class RabbitDispatcher:
         routing_key = self._routing_key(queue)
         if not routing_key or len(routing_key.encode()) > 255:
             raise ActorNotFound(f"{queue!r} cannot be a RabbitMQ queue name")
-        pending: _Pending | None = None
+        publication: Publication | None = None
         with trio.move_on_after(self._confirm_timeout):
-            pending = await conn.publish(queue, routing_key, body)
+            publication = await conn.publish(queue, routing_key, body)
             self._counters.published += 1
-            await pending.done.wait()
-        if pending is None:
+            await conn.settled(publication)
+        if publication is None:
             raise DispatchUnavailable(
                 f"no free RabbitMQ channel within {self._confirm_timeout:g}s "
                 f"({conn.in_flight()} publishes awaiting their confirm)"
             )
-        if not pending.done.is_set():
+        if not publication.settled:
             self._counters.timed_out += 1
             self._faults.note(
                 f"RabbitMQ sent no publisher confirm within {self._confirm_timeout:g}s"
@@ -883,8 +524,8 @@ class RabbitDispatcher:
                 f"no publisher confirm from RabbitMQ within {self._confirm_timeout:g}s; "
                 "the message may or may not be enqueued"
             )
-        if pending.error is not None:
-            raise pending.error
+        if publication.error is not None:
+            raise publication.error
         self._faults.clear()
 
     async def wait_connected(self) -> None:
@@ -975,26 +616,25 @@ class RabbitDispatcher:
     async def _connect_and_run(self, ready: Callable[[_Connection], None]) -> str:
         """One connection from connect to death; returns why it ended (or never started)."""
         try:
-            stream, parser, tuning = await _open_amqp(
+            stream, proto, tuning = await _open_amqp(
                 self._url,
                 heartbeat=self._heartbeat,
                 connect_timeout=self._connect_timeout,
                 channels=self._channels,
+                capacity=self._capacity,
+                exchange=self._exchange,
+                counters=self._counters,
                 ssl_context=self._ssl_context,
             )
-        except _ConnectionFault as fault:
+        except ConnectionFault as fault:
             return fault.reason
         conn = _Connection(
             stream=stream,
-            parser=parser,
+            proto=proto,
             tuning=tuning,
             url=self._url,
-            exchange=self._exchange,
-            counters=self._counters,
             faults=self._faults,
             rpc_timeout=self._connect_timeout,
-            channel_count=self._channels,
-            capacity=self._capacity,
         )
         try:
             await conn.run(lambda: ready(conn))
