@@ -17,7 +17,7 @@ from ._errors import (
     ServiceError,
     StoreProtocolError,
 )
-from ._json import dumps, loads
+from ._json import MAX_DEPTH, dumps, loads
 from ._requests import (
     MAX_BODY,
     CreateRequest,
@@ -86,6 +86,7 @@ __all__ = [
     "KEEPALIVE",
     "MAX_ATTEMPTS",
     "MAX_BODY",
+    "MAX_DEPTH",
     "RANK",
     "REV_GUARD",
     "ROUTES",

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 import attrs
 
 from ._errors import BadRequest, NotFound, PayloadTooLarge
-from ._json import loads
+from ._json import MAX_DEPTH, loads
 from ._status import ALIASES, Status, StatusEvent
 
 MAX_BODY: Final = 10 * 1024 * 1024
@@ -80,7 +80,7 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
     check_body_size(len(body))
     if not body.strip():
         return {}
-    value = loads(body, what=what)
+    value = loads(body, what=what, max_depth=MAX_DEPTH)
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
@@ -101,9 +101,10 @@ class CreateRequest:
         """Validate a create request.
 
         Raises:
-            BadRequest: missing/invalid actor or namespace, invalid JSON, a body that is not an
-                object, `headers` not an object, `timeout` not a non-negative number, or a
-                routing key (`route`, `route_next`, `next`) in the body.
+            BadRequest: missing/invalid actor or namespace, invalid JSON, a body nested deeper
+                than `MAX_DEPTH` levels, a body that is not an object, `headers` not an object,
+                `timeout` not a non-negative number, or a routing key (`route`, `route_next`,
+                `next`) in the body.
             PayloadTooLarge: body over 10 MiB.
         """
         params = parse_query(query)
@@ -199,8 +200,8 @@ def parse_event(body: bytes) -> StatusEvent | FlyEvent:
     `FlyEvent`.
 
     Raises:
-        BadRequest: invalid JSON, not an object, unknown `type` or `status`, status `data`
-            present but not an object.
+        BadRequest: invalid JSON, nested deeper than `MAX_DEPTH` levels, not an object, unknown
+            `type` or `status`, status `data` present but not an object.
         PayloadTooLarge: body over 10 MiB.
     """
     fields = _json_object(body, "event")
