@@ -76,16 +76,17 @@ class Config:
     graceful_timeout: float = 5.0
     access_log: bool = False
     tracing: bool = False
+    # Extension modules to load by name (`_extension.py`); `ASYA_MESH_COMPAT=1` names
+    # `mesh_compat`, the legacy routes.
+    extensions: tuple[str, ...] = attrs.field()
+
+    @extensions.default
+    def _extensions(self) -> tuple[str, ...]:
+        return ("mesh_compat",) if self.compat else ()
 
     @property
     def router(self) -> Router:
         return Router(self.prefix)
-
-    @property
-    def extensions(self) -> tuple[str, ...]:
-        """The extension modules to load (`_extension.py`): `ASYA_MESH_COMPAT=1` names
-        `mesh_compat`, the legacy routes."""
-        return ("mesh_compat",) if self.compat else ()
 
     @property
     def embedded(self) -> bool:

@@ -231,10 +231,17 @@ def make_config(**env: str) -> Config:
 
 
 async def start_mesh(
-    nursery: trio.Nursery, *, shutdown: trio.Event | None = None, **env: str
+    nursery: trio.Nursery,
+    *,
+    shutdown: trio.Event | None = None,
+    extensions: tuple[str, ...] | None = None,
+    **env: str,
 ) -> MeshClient:
-    """Run a mesh API in `nursery` (until the test ends, or `shutdown` is set)."""
+    """Run a mesh API in `nursery` (until the test ends, or `shutdown` is set), with the
+    extension modules `extensions` when given."""
     config = make_config(**env)
+    if extensions is not None:
+        config = attrs.evolve(config, extensions=extensions)
     trigger = shutdown.wait if shutdown is not None else None
     bound = await nursery.start(
         lambda task_status: serve(config, shutdown_trigger=trigger, task_status=task_status)

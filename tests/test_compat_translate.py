@@ -102,6 +102,17 @@ def test_translators_import_only_the_core() -> None:
     assert imported - stdlib == {"attrs", "mesh_proto"}
 
 
+def test_the_runtime_modules_use_only_the_public_runtime_api() -> None:
+    import mesh_trio
+
+    for module in ("_routes.py", "_stream.py"):
+        tree = ast.parse((ROOT / "mesh_compat" / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mesh_trio"):
+                assert node.module == "mesh_trio", (module, node.module)
+                assert {a.name for a in node.names} <= set(mesh_trio.__all__), module
+
+
 def test_mesh_trio_never_imports_mesh_compat() -> None:
     code = "import sys, mesh_trio; assert 'mesh_compat' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
