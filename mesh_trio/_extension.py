@@ -30,7 +30,7 @@ from typing import Protocol, cast
 
 import attrs
 
-from mesh_proto import Role, Router, RouteSpec
+from mesh_proto import Op, Role, Router, RouteSpec
 
 from ._config import ConfigError
 from ._mesh import Mesh
@@ -110,8 +110,8 @@ class Extensions:
         """Import each named extension module and collect its routes.
 
         Raises:
-            ConfigError: a module that cannot be imported or has no `routes`, or two routes
-                with one op.
+            ConfigError: a module that cannot be imported or has no `routes`, or a route whose
+                op is a core `Op` or another route's.
         """
         routes: dict[enum.Enum, ExtensionRoute] = {}
         for name in names:
@@ -123,16 +123,16 @@ class Extensions:
                 raise ConfigError(f"extension {name}: has no routes(mesh, router)")
             extension = cast(Extension, module)
             for route in extension.routes(mesh, router):
-                if route.spec.op in routes:
+                if isinstance(route.spec.op, Op) or route.spec.op in routes:
                     raise ConfigError(f"extension {name}: op {route.spec.op} is taken")
                 routes[route.spec.op] = route
         extra = tuple(route.spec for route in routes.values())
         return cls(Router(router.prefix, extra=extra), routes)
 
     def error_headers(self, role: Role, path: str) -> Headers:
-        """The headers of the extension route whose path this is (for a 405), else none."""
-        if not self.routes:
+        """For an error answer: the headers of the extension route whose path this is (its
+        handler raised, or the method is not its), else none."""
+        route = self.router.match(role, path) if self.routes else None
+        if route is None or route.op not in self.routes:
             return ()
-        route = self.router.match(role, path)
-        owner = self.routes.get(route.op) if route is not None else None
-        return owner.headers(route.id) if owner is not None and route is not None else ()
+        return self.routes[route.op].headers(route.id)

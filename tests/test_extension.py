@@ -102,6 +102,7 @@ async def test_not_an_extension_path_is_answered_as_without_it(nursery: trio.Nur
         (("tests.no_such_extension",), "extension tests.no_such_extension: cannot be imported"),
         (("json",), "extension json: has no routes(mesh, router)"),
         (SAMPLE * 2, "extension tests.sample_extension: op SampleOp.ECHO is taken"),
+        (("tests.sample_bad_extension",), "extension tests.sample_bad_extension: op Op.GET"),
     ],
 )
 async def test_a_bad_extension_stops_the_start(
