@@ -21,8 +21,8 @@ async def snapshot(mesh: MeshClient) -> Any:
 
 async def test_create_returns_id_and_stores_pending(mesh: MeshClient) -> None:
     reply = await mesh.ext(
-        "POST", "?actor=worker", {"payload": {"q": "hi"}, "headers": {"a": "b"}, "timeout": 1.5}
-    )
+        "POST", "?actor=worker", {"payload": {"q": "hi"}, "headers": {"a": "b"}, "timeout": 3600.5}
+    )  # a deadline far enough away that no stall of a loaded machine lets the backstop fail it
     assert reply.status == 201
     assert reply.headers["content-type"] == "application/json"
     envelope_id = reply.json()["id"]
