@@ -6,7 +6,7 @@ it imports only the standard library and attrs, so any runtime can drive it.
 """
 
 from ._backstop import expired, is_expired
-from ._envelope import GATEWAY_HEADER, Envelope, envelope_key, queue_name
+from ._envelope import GATEWAY_HEADER, REVISION_KEY, Envelope, envelope_key, queue_name
 from ._errors import (
     BadRequest,
     ClientError,
@@ -76,6 +76,20 @@ from ._store import (
 )
 from ._time import format_time, parse_time
 from ._trace import traceparent_for
+from ._wire import (
+    MAX_FIELD_NAME,
+    MAX_PAGE,
+    OPERATORS,
+    Condition,
+    Query,
+    SortKey,
+    decode_key,
+    decode_query_string,
+    encode_key,
+    error_body,
+    is_field_name,
+    parse_revision,
+)
 
 __all__ = [
     "ALIASES",
@@ -87,7 +101,11 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_BODY",
     "MAX_DEPTH",
+    "MAX_FIELD_NAME",
+    "MAX_PAGE",
+    "OPERATORS",
     "RANK",
+    "REVISION_KEY",
     "REV_GUARD",
     "ROUTES",
     "RULES",
@@ -95,6 +113,7 @@ __all__ = [
     "Applied",
     "BadRequest",
     "ClientError",
+    "Condition",
     "CreateRequest",
     "Envelope",
     "FlyEvent",
@@ -107,12 +126,14 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "Published",
+    "Query",
     "Role",
     "Route",
     "RouteSpec",
     "Router",
     "Rule",
     "ServiceError",
+    "SortKey",
     "SseEvent",
     "SseParser",
     "SseStream",
@@ -128,21 +149,27 @@ __all__ = [
     "check_health",
     "check_write",
     "create_envelope",
+    "decode_key",
+    "decode_query_string",
     "delete_request",
     "dumps",
     "encode_frame",
+    "encode_key",
     "envelope_key",
+    "error_body",
     "expired",
     "expired_request",
     "format_time",
     "get_request",
     "health_request",
     "is_expired",
+    "is_field_name",
     "list_request",
     "loads",
     "parse_event",
     "parse_id",
     "parse_query",
+    "parse_revision",
     "parse_time",
     "put_request",
     "query_request",

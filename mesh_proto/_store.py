@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
-from urllib.parse import quote, urlencode
 
 import attrs
 
@@ -42,6 +41,7 @@ from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocol
 from ._json import dumps, loads
 from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
+from ._wire import Query, key_target
 
 # A conditional update loses a race only when another writer changed the envelope in between,
 # and every lost race is progress for someone: with N writers racing on one envelope the last
@@ -70,19 +70,6 @@ class StoreReply:
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
-
-
-def key_target(key: str, **params: str) -> str:
-    """`/keys/{key}` with the key percent-encoded as one segment (and optional query).
-
-    `.` and `..` are encoded too: as literal segments an HTTP stack would resolve them as dot
-    segments (`/keys/..` is `/`), and the request would name another resource.
-    """
-    segment = quote(key, safe="")
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    target = "/keys/" + segment
-    return target + ("?" + urlencode(params) if params else "")
 
 
 def health_request() -> StoreRequest:
@@ -118,15 +105,16 @@ def query_request(
     offset: int = 0,
     count: bool = False,
 ) -> StoreRequest:
-    """`POST /query` with the Mango-style filter of DESIGN §6."""
-    query: dict[str, Any] = {"prefix": prefix, "filter": dict(filter or {}), "sort": list(sort)}
-    if limit is not None:
-        query["limit"] = limit
-    if offset:
-        query["offset"] = offset
-    if count:
-        query["count"] = True
-    return StoreRequest(method="POST", target="/query", headers=JSON_HEADERS, body=dumps(query))
+    """`POST /query` with the Mango-style filter of DESIGN §6, as `Query` encodes it.
+
+    Raises:
+        BadRequest: the query breaks a rule the proxy enforces (see `Query`): a bug of the
+            caller, since every query the mesh API makes is fixed in shape.
+    """
+    query = Query.build(
+        prefix=prefix, filter=filter, sort=sort, limit=limit, offset=offset, count=count
+    )
+    return StoreRequest(method="POST", target="/query", headers=JSON_HEADERS, body=query.to_body())
 
 
 def _fail(reply: StoreReply, what: str) -> ProtocolError:

@@ -1,30 +1,32 @@
 # The failures of the state proxy, each carrying the HTTP status it answers with.
 #
-# Request handling raises a `StateProxyError` subclass and the router turns it into
-# `{"error": message}` with `status_hint`, without a lookup table. Client mistakes (4xx) and an
+# These are members of mesh_proto's error family (`ProtocolError`), the one the wire protocol's
+# decoding raises too: request handling raises a `ProtocolError` and the router answers
+# `status_hint` with its `body()`, ``{"error": message}``, without a lookup table. `BadRequest`
+# is mesh_proto's own, so a key, a query or a guard refused by the shared protocol code and one
+# refused by PostgreSQL are the same error. Client mistakes (4xx) and an
 # unavailable database (503) are kept apart from our own bugs: anything else that escapes a
 # handler is a 500 plus a log line. `PgError` is what the driver raises for an SQL error; the
 # store decides whether that is the client's fault (bad JSON, value too large) or ours.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from mesh_proto import BadRequest, ProtocolError
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "PgError",
+    "StartupError",
+    "StateProxyError",
+    "StoreUnavailable",
+]
 
 
-class StateProxyError(Exception):
-    """Base of the errors that carry their reply: `status_hint` and a one-line message."""
+class StateProxyError(ProtocolError):
+    """Base of the proxy's own errors that carry their reply: `status_hint` and a message."""
 
-    status_hint: ClassVar[int] = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadRequest(StateProxyError):
-    """The request is malformed: bad JSON, bad field name, bad key, bad parameter."""
-
-    status_hint = 400
+    status_hint = 500
 
 
 class Conflict(StateProxyError):

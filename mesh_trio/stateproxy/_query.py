@@ -1,10 +1,12 @@
 # Translation of a `POST /query` body into parameterised SQL. No I/O here: bytes in, SQL out.
 #
-# `compile_query` parses the untrusted body and either returns a `CompiledQuery` (a page
-# statement and, when asked, a count statement) or raises `BadRequest`; nothing else escapes it
-# (a hypothesis test feeds it garbage to hold it to that). Values only ever travel as parameters
-# (``$1``, ``$2``, ... sent as text); a field name is spliced into the SQL text only after it
-# matched ``^[A-Za-z_][A-Za-z0-9_]*$``.
+# The body is parsed and validated by `mesh_proto.Query`, the protocol's model that the client
+# builds its queries with, so both sides hold the same rules (field names, operators and their
+# operand types, NUL, NaN, paging bounds) and `compile_query` either returns a `CompiledQuery`
+# (a page statement and, when asked, a count statement) or raises `BadRequest`; nothing else
+# escapes it (a hypothesis test feeds it garbage to hold it to that). What is left here is SQL:
+# values only ever travel as parameters (``$1``, ``$2``, ... sent as text); a field name is
+# spliced into the SQL text only because `Query` checked it against ``^[A-Za-z_][A-Za-z0-9_]*$``.
 #
 # How each operator reads a field `f` of the stored value (J = ``value->'f'``, T = its text):
 #
@@ -27,13 +29,11 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 
 import attrs
 
-from ._errors import BadRequest
-from ._settings import is_field_name
+from mesh_proto import Condition, Query, SortKey
 
 #: Columns of the kv table that `sort` may name directly; any other name is a field of `value`.
 COLUMNS = frozenset({"key", "created_at", "updated_at"})
@@ -49,10 +49,8 @@ ROW_JSON = (
     ")::text"
 )
 
-_QUERY_KEYS = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _SCALARS = (str, int, float, bool, type(None))
-_BIGINT_MAX = 2**63 - 1
 
 
 @attrs.frozen
@@ -98,90 +96,53 @@ def escape_like(prefix: str) -> str:
     return escaped + "%"
 
 
-def parse_json(body: bytes) -> object:
-    """Parse a request body as strict JSON (UTF-8, finite numbers only).
-
-    Raises:
-        BadRequest: the body is not valid JSON.
-    """
-    try:
-        return json.loads(body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BadRequest(f"invalid JSON body: {exc}") from None
-
-
 def compile_query(body: bytes) -> CompiledQuery:
     """Compile a `POST /query` body (``{"prefix","filter","sort","limit","offset","count"}``).
 
-    An empty body means ``{}``: every record, ordered by key.
+    The body is parsed and validated by `mesh_proto.Query.parse`, the same rules the client
+    builds its queries with; an empty body means ``{}``: every record, ordered by key.
 
     Raises:
-        BadRequest: the body is not a JSON object, has an unknown key, a field name does not
-            match the pattern, an operator is unknown or its operand has the wrong type, or
-            `limit`/`offset`/`count` are not what they should be.
+        BadRequest: the body is not a valid query (see `mesh_proto.Query`).
     """
-    doc = parse_json(body) if body.strip() else {}
-    if not isinstance(doc, dict):
-        raise BadRequest("query body must be a JSON object")
-    unknown = sorted(set(doc) - _QUERY_KEYS)
-    if unknown:
-        raise BadRequest(f"unknown query key {unknown[0]!r}")
+    return compile_model(Query.parse(body))
 
+
+def compile_model(query: Query) -> CompiledQuery:
+    """The statements of a validated query; never raises."""
     params = _Params()
     conditions: list[str] = []
-    prefix = doc.get("prefix")
-    if prefix is not None and not isinstance(prefix, str):
-        raise BadRequest("prefix must be a string")
-    if prefix:
-        conditions.append(f"key LIKE {params.text(escape_like(prefix))}")
-    selector = doc.get("filter")
-    if selector is not None and not isinstance(selector, dict):
-        raise BadRequest("filter must be a JSON object")
-    for field, condition in (selector or {}).items():
-        conditions.extend(_field_conditions(params, field, condition))
+    if query.prefix:
+        conditions.append(f"key LIKE {params.text(escape_like(query.prefix))}")
+    conditions.extend(_condition(params, c) for c in query.filter)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
     where_params = tuple(params.values)
-
-    order = _order_by(doc.get("sort"))
-    limit = _non_negative_int(doc, "limit")
-    offset = _non_negative_int(doc, "offset")
-    count = doc.get("count")
-    if count is not None and not isinstance(count, bool):
-        raise BadRequest("count must be a boolean")
-
     paging = ""
-    if limit:
-        paging += f" LIMIT {params.text(str(limit))}::bigint"
-    if offset:
-        paging += f" OFFSET {params.text(str(offset))}::bigint"
+    if query.limit:
+        paging += f" LIMIT {params.text(str(query.limit))}::bigint"
+    if query.offset:
+        paging += f" OFFSET {params.text(str(query.offset))}::bigint"
     page = Statement(
-        f"SELECT {ROW_JSON} FROM kv{where} ORDER BY {order}{paging}".encode(),
+        f"SELECT {ROW_JSON} FROM kv{where} ORDER BY {_order_by(query.sort)}{paging}".encode(),
         tuple(params.values),
     )
     counter = None
-    if count:
+    if query.count:
         counter = Statement(f"SELECT count(*)::text FROM kv{where}".encode(), where_params)
     return CompiledQuery(page=page, count=counter)
 
 
 class _Params:
-    """Collects parameter values and hands out their placeholders."""
+    """Collects parameter values (valid UTF-8 without NUL: `Query` checked) and placeholders."""
 
     def __init__(self) -> None:
         self.values: list[bytes] = []
 
     def text(self, value: str) -> str:
-        if "\x00" in value:
-            raise BadRequest("strings in a query cannot contain NUL characters")
-        try:
-            self.values.append(value.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise BadRequest("strings in a query must be valid Unicode") from None
+        self.values.append(value.encode("utf-8"))
         return f"${len(self.values)}"
 
     def json(self, value: object) -> str:
-        if _has_nul(value):  # jsonb cannot hold \u0000, which is how json.dumps writes it
-            raise BadRequest("strings in a query cannot contain NUL characters")
         return f"{self.text(_dumps(value))}::jsonb"
 
     def array(self, items: Sequence[str], element_type: str) -> str:
@@ -189,23 +150,12 @@ class _Params:
         return f"{self.text('{' + quoted + '}')}::{element_type}[]"
 
 
-def _field_conditions(params: _Params, field: object, condition: object) -> list[str]:
-    if not isinstance(field, str) or not is_field_name(field):
-        raise BadRequest(f"invalid field name {field!r}: want [A-Za-z_][A-Za-z0-9_]*")
-    if isinstance(condition, dict) and condition:
-        operators = [k.startswith("$") for k in condition]
-        if all(operators):
-            return [_operator(params, field, op, arg) for op, arg in condition.items()]
-        if any(operators):
-            raise BadRequest(f"filter on {field!r} mixes operators and plain fields")
-    return [f"value @> {params.json({field: condition})}"]
-
-
-def _operator(params: _Params, field: str, op: str, arg: object) -> str:
+def _condition(params: _Params, condition: Condition) -> str:
+    field, op, arg = condition.field, condition.op, condition.operand
     j, t = field_json(field), field_text(field)
+    if op is None or (op == "$eq" and isinstance(arg, _SCALARS)):
+        return f"value @> {params.json({field: arg})}"
     if op == "$eq":
-        if isinstance(arg, _SCALARS):
-            return f"value @> {params.json({field: arg})}"
         return f"{j} = {params.json(arg)}"
     if op == "$ne":
         return f"{j} <> {params.json(arg)}"
@@ -213,100 +163,49 @@ def _operator(params: _Params, field: str, op: str, arg: object) -> str:
         sign = _COMPARE[op]
         if isinstance(arg, bool):
             return f"(jsonb_typeof({j}) = 'boolean' AND {j} {sign} {params.json(arg)})"
-        if isinstance(arg, int | float):
-            return f"(jsonb_typeof({j}) = 'number' AND {j} {sign} {params.json(arg)})"
         if isinstance(arg, str):
             return f"(jsonb_typeof({j}) = 'string' AND {t} {sign} {params.text(arg)})"
-        raise BadRequest(f"{op} on {field!r} needs a number, a string or a boolean")
-    if op in ("$in", "$nin"):
-        if not isinstance(arg, list):
-            raise BadRequest(f"{op} on {field!r} needs a list")
-        if op == "$in":
-            if not arg:
-                return "false"
-            if all(isinstance(x, str) for x in arg):
-                return f"(jsonb_typeof({j}) = 'string' AND {t} = ANY({params.array(arg, 'text')}))"
-            if _has_nul(arg):
-                raise BadRequest("strings in a query cannot contain NUL characters")
-            return f"{j} = ANY({params.array([_dumps(x) for x in arg], 'jsonb')})"
+        return f"(jsonb_typeof({j}) = 'number' AND {j} {sign} {params.json(arg)})"
+    if op == "$in":
+        if not arg:
+            return "false"
+        if all(isinstance(x, str) for x in arg):
+            return f"(jsonb_typeof({j}) = 'string' AND {t} = ANY({params.array(arg, 'text')}))"
+        return f"{j} = ANY({params.array([_dumps(x) for x in arg], 'jsonb')})"
+    if op == "$nin":
         if not arg:
             return f"{j} IS NOT NULL"
-        if _has_nul(arg):
-            raise BadRequest("strings in a query cannot contain NUL characters")
         listed = params.array([_dumps(x) for x in arg], "jsonb")
         return f"({j} IS NOT NULL AND NOT ({j} = ANY({listed})))"
     if op == "$exists":
-        if not isinstance(arg, bool):
-            raise BadRequest(f"$exists on {field!r} needs true or false")
         present = f"(jsonb_typeof(value) = 'object' AND value ? {params.text(field)})"
         return present if arg else f"NOT {present}"
-    if op == "$contains":
-        if isinstance(arg, str):
-            return (
-                f"((jsonb_typeof({j}) = 'string' AND strpos(value->>'{field}', "
-                f"{params.text(arg)}) > 0) OR (jsonb_typeof({j}) = 'array' AND "
-                f"{j} @> {params.json(arg)}))"
-            )
-        return f"{j} @> {params.json(arg)}"
-    raise BadRequest(f"unknown operator {op!r} on {field!r}")
+    assert op == "$contains", op  # `Query` admits no other operator
+    if isinstance(arg, str):
+        return (
+            f"((jsonb_typeof({j}) = 'string' AND strpos(value->>'{field}', "
+            f"{params.text(arg)}) > 0) OR (jsonb_typeof({j}) = 'array' AND "
+            f"{j} @> {params.json(arg)}))"
+        )
+    return f"{j} @> {params.json(arg)}"
 
 
-def _order_by(sort: object) -> str:
-    if sort is None:
-        sort = []
-    if not isinstance(sort, list):
-        raise BadRequest("sort must be a list of field names, each optionally prefixed by '-'")
+def _order_by(sort: Sequence[SortKey]) -> str:
     parts: list[str] = []
-    for item in sort:
-        if not isinstance(item, str):
-            raise BadRequest("sort must be a list of field names, each optionally prefixed by '-'")
-        descending = item.startswith("-")
-        name = item[1:] if descending else item
-        if not is_field_name(name):
-            raise BadRequest(f"invalid sort field {item!r}: want [-][A-Za-z_][A-Za-z0-9_]*")
-        way = " DESC" if descending else " ASC"
-        if name in COLUMNS:
-            parts.append(name + way)
+    for key in sort:
+        way = " DESC" if key.descending else " ASC"
+        if key.field in COLUMNS:
+            parts.append(key.field + way)
         else:
             # Numbers first, in numeric order; then everything else by its text, bytewise;
             # records without the field last, whichever the direction.
-            j = field_json(name)
+            j = field_json(key.field)
             parts.append(f"(CASE WHEN jsonb_typeof({j}) = 'number' THEN {j} END){way} NULLS LAST")
-            parts.append(f"{field_text(name)}{way} NULLS LAST")
-    if not any(p.startswith("key ") for p in parts):
+            parts.append(f"{field_text(key.field)}{way} NULLS LAST")
+    if not any(key.field == "key" for key in sort):
         parts.append("key ASC")  # a total order, so that pages never overlap or skip
     return ", ".join(parts)
 
 
-def _non_negative_int(doc: dict[str, object], name: str) -> int:
-    value = doc.get(name)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _BIGINT_MAX:
-        raise BadRequest(f"{name} must be a non-negative integer")
-    return value
-
-
 def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def _has_nul(value: object) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    return False
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value

@@ -6,26 +6,40 @@
 # cancelled; with a `shutdown_trigger` it drains instead (stop accepting, finish requests in
 # flight for up to `grace_period`, close idle connections), then closes the socket and the pool.
 #
-# `Router.handle` maps a request to a store operation. The key is the rest of the path after
-# ``/keys/``, percent-decoded exactly once, so ``/keys/msg%2Fabc`` is the key ``msg/abc`` and a
-# key holding ``?``, ``#``, ``%`` or ``..`` round-trips. Errors come back as
-# ``{"error": "..."}``; a `StateProxyError` carries its own status.
+# `Router.handle` maps a request to a store operation. Everything the client must agree on is
+# mesh_proto's wire protocol, shared with the client side: the key is the rest of the path after
+# ``/keys/`` decoded by `decode_key` (exactly once, so ``/keys/msg%2Fabc`` is the key ``msg/abc``
+# and a key holding ``?``, ``#``, ``%`` or ``..`` round-trips), query strings by
+# `decode_query_string`, guards by `parse_revision`, bodies of `/query` by `Query`. Errors come
+# back as ``{"error": "..."}`` (`error_body`); a `ProtocolError` carries its own status.
+#
+# A write may be guarded by the stored status (``if_status=S``, the Asya protocol) and by the
+# stored revision (``if_rev=N``, ours), or both. The health reply lists our additions in the
+# `FEATURES_HEADER`, so that a client can tell this proxy from one that would ignore ``if_rev``.
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from urllib.parse import parse_qsl, unquote_to_bytes
 
 import attrs
 import trio
 
-from ._errors import BadRequest, Conflict, StartupError, StateProxyError, StoreUnavailable
-from ._http import HttpServer, Request, Response, error_body
+from mesh_proto import (
+    FEATURES_HEADER,
+    REV_GUARD,
+    ProtocolError,
+    decode_key,
+    decode_query_string,
+    error_body,
+    parse_revision,
+)
+
+from ._errors import Conflict, StartupError, StoreUnavailable
+from ._http import HttpServer, Request, Response
 from ._pg import PgPool
 from ._query import compile_query
 from ._settings import check_indexes, check_pg_url
@@ -42,10 +56,18 @@ DEFAULT_POOL_SIZE = 10
 #: Longest wait for one statement by default, in seconds.
 DEFAULT_PG_TIMEOUT = 30.0
 
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: What this proxy adds to the Asya protocol, as its health reply lists them.
+FEATURES = (REV_GUARD,)
+
 _KEYS = b"/keys/"
 _NO_CONTENT = Response(status=204)
 _OK_HEAD = Response(status=200)
+_HEALTHY = Response(
+    status=200,
+    body=b"ok",
+    content_type=b"text/plain; charset=utf-8",
+    headers=((FEATURES_HEADER.encode(), ",".join(FEATURES).encode()),),
+)
 
 
 @attrs.define(eq=False)
@@ -63,11 +85,12 @@ class Router:
                 allowed = (b"GET", b"HEAD", b"PUT", b"DELETE")
                 if method not in allowed:
                     return _not_allowed(allowed)
-                return await self._key(method, _key(path[len(_KEYS) :]), query, request.body)
+                key = decode_key(path[len(_KEYS) :])
+                return await self._key(method, key, query, request.body)
             if path == _KEYS:
                 if method != b"GET":
                     return _not_allowed((b"GET",))
-                prefix = _query_params(query).get("prefix", "")
+                prefix = decode_query_string(query).get("prefix", "")
                 keys = await self.store.list_keys(prefix)
                 return Response(status=200, body=b'{"keys":' + keys + b"}")
             if path == b"/query":
@@ -80,13 +103,13 @@ class Router:
             if path == b"/healthz":
                 if method not in (b"GET", b"HEAD"):
                     return _not_allowed((b"GET", b"HEAD"))
-                return Response(status=200, body=b"ok", content_type=b"text/plain; charset=utf-8")
+                return _HEALTHY
             return Response(status=404, body=error_body("not found"))
         except StoreUnavailable as exc:
             return Response(
                 status=503, body=error_body(exc.message), headers=((b"retry-after", b"1"),)
             )
-        except StateProxyError as exc:
+        except ProtocolError as exc:
             return Response(status=exc.status_hint, body=error_body(exc.message))
 
     async def _key(self, method: bytes, key: str, query: bytes, body: bytes) -> Response:
@@ -102,12 +125,15 @@ class Router:
             if await store.delete(key):
                 return _NO_CONTENT
             return Response(status=404, body=error_body("not found"))
-        if_status = _query_params(query).get("if_status", "")
-        if not if_status:  # absent or empty: an unconditional write, as in the Go proxy
+        params = decode_query_string(query) if query else {}
+        if_status = params.get("if_status") or None  # empty: unconditional, as in the Go proxy
+        raw_rev = params.get(REV_GUARD)
+        if_rev = None if raw_rev is None else parse_revision(raw_rev)
+        if if_status is None and if_rev is None:
             await store.put(key, body)
             return _NO_CONTENT
-        if not await store.put_if_status(key, body, if_status):
-            raise Conflict(f"condition failed: no record with status {if_status!r}")
+        if not await store.put_if(key, body, status=if_status, revision=if_rev):
+            raise Conflict(f"condition failed: {_guards(if_status, if_rev)}")
         return _NO_CONTENT
 
 
@@ -119,25 +145,10 @@ def _not_allowed(allowed: Sequence[bytes]) -> Response:
     )
 
 
-def _key(raw: bytes) -> str:
-    """Percent-decode a key from the path, exactly once."""
-    if _BAD_ESCAPE.search(raw):
-        raise BadRequest("invalid key: malformed percent-escape")
-    try:
-        key = unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("invalid key: not UTF-8 once percent-decoded") from None
-    if "\x00" in key:
-        raise BadRequest("invalid key: contains NUL")
-    return key
-
-
-def _query_params(query: bytes) -> dict[str, str]:
-    """Decode a query string (last value wins)."""
-    try:
-        return dict(parse_qsl(query.decode("utf-8"), keep_blank_values=True, errors="strict"))
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("invalid query string") from None
+def _guards(status: str | None, revision: str | None) -> str:
+    wanted = [f"status {status!r}"] if status is not None else []
+    wanted += [f"revision {revision}"] if revision is not None else []
+    return "no record with " + " and ".join(wanted)
 
 
 async def serve_state_proxy(

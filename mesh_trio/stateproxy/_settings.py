@@ -3,8 +3,8 @@
 # `Settings.from_env` is the only reader of `CONNECTOR_SOCKET`, `STATE_PROXY_PG_URL` and
 # `STATE_PROXY_PG_INDEXES`; any problem raises `SettingsError` whose message is one line that
 # starts with the variable's name, which the CLI prints as is. The field-name rule shared by
-# index specs and query filters lives here too, so there is exactly one definition of a safe
-# field name.
+# index specs and query filters is the protocol's (`mesh_proto.is_field_name`), so there is
+# exactly one definition of a safe field name.
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ from collections.abc import Iterable, Mapping
 import attrs
 import psycopg
 
-#: A field of the stored JSON value that may appear in SQL text (filters, sort, indexes).
-FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-#: Longest field name: index names are ``kv_value_<field>`` and PostgreSQL cuts identifiers
-#: at 63 bytes, so a longer name would silently collide with another index.
-MAX_FIELD_NAME = 63 - len("kv_value_")
+from mesh_proto import MAX_FIELD_NAME, is_field_name
 
 # The Go proxy also accepts ``(field)::type``; we index `field` the way we compare it.
 _GO_CAST_SPEC = re.compile(r"\(\s*([^()]*?)\s*\)\s*::\s*[A-Za-z ]+")
@@ -28,15 +23,6 @@ _GO_CAST_SPEC = re.compile(r"\(\s*([^()]*?)\s*\)\s*::\s*[A-Za-z ]+")
 
 class SettingsError(Exception):
     """A missing or bad setting; the message is one line naming the variable."""
-
-
-def is_field_name(name: object) -> bool:
-    """Tell whether `name` is a string that may be used as a field name in SQL text."""
-    return (
-        isinstance(name, str)
-        and len(name) <= MAX_FIELD_NAME
-        and FIELD_NAME.fullmatch(name) is not None
-    )
 
 
 def check_indexes(fields: Iterable[str]) -> tuple[str, ...]:

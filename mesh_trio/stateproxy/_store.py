@@ -1,10 +1,13 @@
 # The key-value operations of the state proxy, as SQL over a `Database` (normally `PgPool`).
 #
 # Every operation is one statement, so each is atomic on its own; in particular the conditional
-# write is a single `UPDATE ... WHERE key = $1 AND value->>'status' = $3` whose row lock makes
-# concurrent writers with the same expected status serialise, and all but the first find the
-# status changed. PostgreSQL builds the JSON replies (`ROW_JSON`), so a stored value goes to the
-# client as PostgreSQL printed it, without a decode/encode round in Python.
+# write is a single `UPDATE ... WHERE key = $1 AND <guards>` whose row lock makes concurrent
+# writers with the same expectation serialise, and all but the first find the record changed.
+# The guards are the stored status (``value->>'status' = S``) and the stored revision (the
+# integer member `_rev` of the value, 0 when absent or not an integer, compared as canonical
+# decimal text so that no number of digits overflows). PostgreSQL builds the JSON replies
+# (`ROW_JSON`), so a stored value goes to the client as PostgreSQL printed it, without a
+# decode/encode round in Python.
 #
 # Schema: `kv(key, value jsonb, created_at, updated_at)`, a GIN index on `value` (containment
 # filters), and one expression index per configured field on exactly the expression that
@@ -19,6 +22,8 @@ from typing import Protocol
 
 import attrs
 
+from mesh_proto import REVISION_KEY
+
 from ._errors import BadRequest, PgError
 from ._pg import Rows
 from ._query import ROW_JSON, CompiledQuery, escape_like, field_text
@@ -29,9 +34,17 @@ _PUT = (
     b"INSERT INTO kv (key, value) VALUES ($1, $2::jsonb) "
     b"ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
 )
-_PUT_IF_STATUS = (
-    b"UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1 AND value->>'status' = $3"
+_UPDATE = "UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1"
+_STATUS_IS = "value->>'status' = $3"
+# The stored revision as canonical decimal text: jsonb prints an integer without leading zeros
+# or fraction (3.0 stays "3.0", not an integer, as in mesh_proto's reading of `_rev`).
+_REVISION = (
+    f"(CASE WHEN jsonb_typeof(value->'{REVISION_KEY}') = 'number' "
+    f"AND (value->>'{REVISION_KEY}') ~ '^-?[0-9]+$' THEN value->>'{REVISION_KEY}' ELSE '0' END)"
 )
+_PUT_IF_STATUS = f"{_UPDATE} AND {_STATUS_IS}".encode()
+_PUT_IF_REV = f"{_UPDATE} AND {_REVISION} = $3".encode()
+_PUT_IF_BOTH = f"{_UPDATE} AND {_STATUS_IS} AND {_REVISION} = $4".encode()
 _DELETE = b"DELETE FROM kv WHERE key = $1"
 _LIST = b"SELECT coalesce(json_agg(key ORDER BY key), '[]')::text FROM kv WHERE key LIKE $1"
 
@@ -122,15 +135,28 @@ class KvStore:
         """
         await self._run(_PUT, key, value, name=b"sp_put", what="invalid JSON body")
 
-    async def put_if_status(self, key: str, value: bytes, status: str) -> bool:
-        """Replace the record at `key` only if its ``value->>'status'`` equals `status`.
+    async def put_if(
+        self, key: str, value: bytes, *, status: str | None = None, revision: str | None = None
+    ) -> bool:
+        """Replace the record at `key` only if every guard given holds, in one statement.
+
+        Args:
+            status: the stored ``value->>'status'`` must equal it.
+            revision: canonical decimal (`mesh_proto.parse_revision`); the stored revision
+                (``value->'_rev'`` if an integer, else 0) must equal it.
 
         Returns:
-            True if written; False if the key is missing or holds another status.
+            True if written; False if the key is missing or a guard does not hold.
         """
-        rows = await self._run(
-            _PUT_IF_STATUS, key, value, status.encode(), name=b"sp_put_if", what="invalid JSON body"
-        )
+        guards = tuple(g.encode() for g in (status, revision) if g is not None)
+        if status is not None and revision is not None:
+            sql, name = _PUT_IF_BOTH, b"sp_put_if_both"
+        elif revision is not None:
+            sql, name = _PUT_IF_REV, b"sp_put_if_rev"
+        else:
+            assert status is not None, "put_if needs a guard"
+            sql, name = _PUT_IF_STATUS, b"sp_put_if"
+        rows = await self._run(sql, key, value, *guards, name=name, what="invalid JSON body")
         return rows.affected == 1
 
     async def delete(self, key: str) -> bool:

@@ -1,0 +1,340 @@
+"""The state-proxy wire protocol (DESIGN §6), one definition for the client and the proxy.
+
+Everything both sides must agree on lives here, and nowhere else: how a key travels in the
+path (`encode_key` / `decode_key`), how a query string is decoded, what a revision guard
+(``if_rev=N``) may say, the error body ``{"error": "..."}``, and the `POST /query` model
+(`Query`, its `Condition`s and `SortKey`s) with every rule the proxy enforces on it. The client
+builds its requests through these (`mesh_proto._store.key_target`, `query_request`); the proxy
+decodes and validates through the same functions, and only then compiles SQL of its own.
+
+A query is validated once, when it is made (`Query.from_json`, `Query.parse`): field names match
+`FIELD_NAME` and are at most `MAX_FIELD_NAME` characters; each filter entry is either a plain
+value (containment) or an operator map whose keys all start with ``$``; each operator has an
+operand of its type; strings hold no NUL and no lone surrogate (PostgreSQL's ``jsonb`` and
+``text`` hold neither); numbers are finite; `limit` and `offset` fit a signed 64-bit integer. A
+valid `Query` therefore always compiles, and ``Query.parse(q.to_body()) == q`` for every valid
+`q` (a property test holds both sides to that). Anything else raises `BadRequest`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, TypeGuard
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
+
+import attrs
+
+from ._errors import BadRequest
+from ._json import dumps, loads
+
+#: A field of the stored value that a filter, a sort or an index may name.
+FIELD_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Longest field name: the proxy names its indexes ``kv_value_<field>`` and PostgreSQL cuts
+#: identifiers at 63 bytes, so a longer name could silently collide with another index.
+MAX_FIELD_NAME: Final = 63 - len("kv_value_")
+#: The filter operators, and the type their operand must have (None: any JSON value).
+OPERATORS: Final[Mapping[str, tuple[type, ...] | None]] = {
+    "$eq": None,
+    "$ne": None,
+    "$gt": (bool, int, float, str),
+    "$gte": (bool, int, float, str),
+    "$lt": (bool, int, float, str),
+    "$lte": (bool, int, float, str),
+    "$in": (list,),
+    "$nin": (list,),
+    "$exists": (bool,),
+    "$contains": None,
+}
+#: Largest `limit` / `offset` (PostgreSQL's bigint).
+MAX_PAGE: Final = 2**63 - 1
+
+_QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
+_BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_DIGITS: Final = re.compile(r"[0-9]+")
+_SORT_HINT: Final = "sort must be a list of field names, each optionally prefixed by '-'"
+
+
+def is_field_name(name: object) -> TypeGuard[str]:
+    """Tell whether `name` is a string that may name a field (in SQL text, on the proxy)."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_FIELD_NAME
+        and FIELD_NAME.fullmatch(name) is not None
+    )
+
+
+def encode_key(key: str) -> str:
+    """A key as one path segment: every reserved character percent-encoded.
+
+    ``.`` and ``..`` are encoded too: as literal segments an HTTP stack would resolve them as
+    dot segments (``/keys/..`` is ``/``), and the request would name another resource.
+    """
+    segment = quote(key, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return segment
+
+
+def key_target(key: str, **params: str) -> str:
+    """``/keys/{key}`` with the key encoded by `encode_key`, and an optional query string."""
+    target = "/keys/" + encode_key(key)
+    return target + ("?" + urlencode(params) if params else "")
+
+
+def decode_key(raw: bytes) -> str:
+    """The key of a path (everything after ``/keys/``), percent-decoded exactly once, as UTF-8.
+
+    An unencoded ``/`` is part of the key.
+
+    Raises:
+        BadRequest: a malformed escape (``%zz``, a trailing ``%``), bytes that are not UTF-8
+            once decoded, or a NUL.
+    """
+    if _BAD_ESCAPE.search(raw):
+        raise BadRequest("invalid key: malformed percent-escape")
+    try:
+        key = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("invalid key: not UTF-8 once percent-decoded") from None
+    if "\x00" in key:
+        raise BadRequest("invalid key: contains NUL")
+    return key
+
+
+def decode_query_string(raw: bytes) -> dict[str, str]:
+    """The parameters of a query string, percent-decoded as UTF-8, ``+`` as a space.
+
+    The last of repeated parameters wins; a parameter without ``=`` has the value ``""``.
+
+    Raises:
+        BadRequest: the query string is not UTF-8 once decoded.
+    """
+    try:
+        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("invalid query string") from None
+
+
+def parse_revision(text: str) -> str:
+    """The revision of an ``if_rev`` guard, in canonical decimal (no leading zeros).
+
+    A text, not an int, so that no length of digits is too long to compare.
+
+    Raises:
+        BadRequest: `text` is not a non-negative decimal integer (ASCII digits only).
+    """
+    if not _DIGITS.fullmatch(text):
+        raise BadRequest("if_rev must be a non-negative decimal integer")
+    return text.lstrip("0") or "0"
+
+
+def error_body(message: str) -> bytes:
+    """The protocol's error body, ``{"error": message}``."""
+    return dumps({"error": message})
+
+
+@attrs.frozen(kw_only=True)
+class Condition:
+    """One test on a field of the stored value.
+
+    `op` is one of `OPERATORS`, or None for a plain value: the stored value contains
+    ``{field: operand}``.
+    """
+
+    field: str
+    op: str | None
+    operand: Any
+
+
+@attrs.frozen(kw_only=True)
+class SortKey:
+    """One sort key: a field (or the column ``key``, ``created_at``, ``updated_at``)."""
+
+    field: str
+    descending: bool = False
+
+    @classmethod
+    def parse(cls, item: object) -> SortKey:
+        """``field`` (ascending) or ``-field`` (descending).
+
+        Raises:
+            BadRequest: not a string, or not a valid field name once the ``-`` is removed.
+        """
+        if not isinstance(item, str):
+            raise BadRequest(_SORT_HINT)
+        descending = item.startswith("-")
+        name = item[1:] if descending else item
+        if not is_field_name(name):
+            raise BadRequest(f"invalid sort field {item!r}: want [-][A-Za-z_][A-Za-z0-9_]*")
+        return cls(field=name, descending=descending)
+
+    def to_json(self) -> str:
+        return ("-" if self.descending else "") + self.field
+
+
+@attrs.frozen(kw_only=True)
+class Query:
+    """A valid `POST /query` body (see the module comment for what valid means).
+
+    `limit` None or 0 means no limit; `count` asks for the number of all matching records.
+    """
+
+    prefix: str = ""
+    filter: tuple[Condition, ...] = ()
+    sort: tuple[SortKey, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+    count: bool = False
+
+    @classmethod
+    def parse(cls, body: bytes) -> Query:
+        """Parse a request body as strict JSON (an empty body is ``{}``) and validate it.
+
+        Raises:
+            BadRequest: the body is not JSON (NaN, Infinity, not UTF-8 included) or not a
+                valid query.
+        """
+        return cls.from_json(loads(body, what="body") if body.strip() else {})
+
+    @classmethod
+    def from_json(cls, doc: object) -> Query:
+        """Validate a decoded query ``{"prefix","filter","sort","limit","offset","count"}``.
+
+        Every key is optional; None counts as absent.
+
+        Raises:
+            BadRequest: `doc` is not an object, has an unknown key, or breaks a rule.
+        """
+        if not isinstance(doc, dict):
+            raise BadRequest("query body must be a JSON object")
+        unknown = sorted(set(doc) - _QUERY_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown query key {unknown[0]!r}")
+        prefix = doc.get("prefix")
+        if prefix is not None and not isinstance(prefix, str):
+            raise BadRequest("prefix must be a string")
+        _check_strings(prefix)
+        selector = doc.get("filter")
+        if selector is not None and not isinstance(selector, dict):
+            raise BadRequest("filter must be a JSON object")
+        conditions: list[Condition] = []
+        for field, condition in (selector or {}).items():
+            conditions.extend(_conditions(field, condition))
+        sort = doc.get("sort")
+        if sort is not None and not isinstance(sort, list):
+            raise BadRequest(_SORT_HINT)
+        count = doc.get("count")
+        if count is not None and not isinstance(count, bool):
+            raise BadRequest("count must be a boolean")
+        return cls(
+            prefix=prefix or "",
+            filter=tuple(conditions),
+            sort=tuple(SortKey.parse(item) for item in sort or ()),
+            limit=None if doc.get("limit") is None else _page_number(doc, "limit"),
+            offset=_page_number(doc, "offset"),
+            count=bool(count),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        prefix: str = "",
+        filter: Mapping[str, Any] | None = None,
+        sort: Sequence[str] = (),
+        limit: int | None = None,
+        offset: int = 0,
+        count: bool = False,
+    ) -> Query:
+        """A query from Python values, validated exactly as the proxy will validate it.
+
+        Raises:
+            BadRequest: as `from_json`.
+        """
+        doc: dict[str, Any] = {"prefix": prefix, "filter": dict(filter or {}), "sort": list(sort)}
+        return cls.from_json({**doc, "limit": limit, "offset": offset, "count": count})
+
+    def to_json(self) -> dict[str, Any]:
+        """The body as a JSON object; `Query.from_json` of it is an equal query."""
+        selector: dict[str, Any] = {}
+        for c in self.filter:
+            if c.op is None:
+                selector[c.field] = c.operand
+            else:
+                selector.setdefault(c.field, {})[c.op] = c.operand
+        doc: dict[str, Any] = {"prefix": self.prefix, "filter": selector}
+        doc["sort"] = [key.to_json() for key in self.sort]
+        if self.limit is not None:
+            doc["limit"] = self.limit
+        if self.offset:
+            doc["offset"] = self.offset
+        if self.count:
+            doc["count"] = True
+        return doc
+
+    def to_body(self) -> bytes:
+        """The request body (compact JSON)."""
+        return dumps(self.to_json())
+
+
+def _conditions(field: object, condition: object) -> list[Condition]:
+    if not is_field_name(field):
+        raise BadRequest(f"invalid field name {field!r}: want [A-Za-z_][A-Za-z0-9_]*")
+    if isinstance(condition, dict) and condition:
+        operators = [isinstance(k, str) and k.startswith("$") for k in condition]
+        if all(operators):
+            return [_operator(field, op, arg) for op, arg in condition.items()]
+        if any(operators):
+            raise BadRequest(f"filter on {field!r} mixes operators and plain fields")
+    _check_strings(condition)
+    return [Condition(field=field, op=None, operand=condition)]
+
+
+def _operator(field: str, op: str, arg: object) -> Condition:
+    if op not in OPERATORS:
+        raise BadRequest(f"unknown operator {op!r} on {field!r}")
+    types = OPERATORS[op]
+    if types is not None and not isinstance(arg, types):
+        raise BadRequest(f"{op} on {field!r} needs {_needs(types)}")
+    _check_strings(arg)
+    return Condition(field=field, op=op, operand=arg)
+
+
+def _needs(types: tuple[type, ...]) -> str:
+    if types == (list,):
+        return "a list"
+    if types == (bool,):
+        return "true or false"
+    return "a number, a string or a boolean"
+
+
+def _check_strings(value: object) -> None:
+    """Refuse what PostgreSQL cannot hold or JSON cannot say: NUL, lone surrogates, NaN."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BadRequest("strings in a query cannot contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("strings in a query must be valid Unicode") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadRequest("numbers in a query must be finite")
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+
+
+def _page_number(doc: Mapping[str, object], name: str) -> int:
+    value = doc.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PAGE:
+        raise BadRequest(f"{name} must be a non-negative integer")
+    return value
