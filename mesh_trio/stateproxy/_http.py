@@ -65,6 +65,14 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
+@attrs.frozen(kw_only=True)
+class ServerStatistics:
+    """A snapshot of an `HttpServer`: connections open, and how many are between requests."""
+
+    connections: int
+    idle: int
+
+
 @attrs.define(eq=False)
 class _Connection:
     stream: trio.SocketStream
@@ -84,12 +92,12 @@ class HttpServer:
     _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _draining: bool = attrs.field(default=False, init=False)
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> ServerStatistics:
         """How many connections are open, and how many of them are between requests."""
-        return {
-            "connections": len(self._connections),
-            "idle": sum(1 for c in self._connections if c.idle),
-        }
+        return ServerStatistics(
+            connections=len(self._connections),
+            idle=sum(1 for c in self._connections if c.idle),
+        )
 
     async def serve(
         self,

@@ -52,6 +52,23 @@ class Rows:
     affected: int
 
 
+@attrs.frozen(kw_only=True)
+class PoolStatistics:
+    """A snapshot of a `PgPool`.
+
+    Attributes:
+        idle: connections open and waiting for a statement.
+        in_use: slots taken by statements in flight (or waiting to connect).
+        opened: connections opened since the pool was made.
+        failures: statements that ended in `StoreUnavailable`.
+    """
+
+    idle: int
+    in_use: int
+    opened: int
+    failures: int
+
+
 @attrs.define(eq=False)
 class _Conn:
     pgconn: pq.abc.PGconn
@@ -169,14 +186,14 @@ class PgPool:
         port = info.get("port") or "5432"
         return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> PoolStatistics:
         """Counters for tests and debugging: idle, in use, opened so far, failed requests."""
-        return {
-            "idle": len(self._idle),
-            "in_use": self.max_size - self._slots.value,
-            "opened": self._opened,
-            "failures": self._failures,
-        }
+        return PoolStatistics(
+            idle=len(self._idle),
+            in_use=self.max_size - self._slots.value,
+            opened=self._opened,
+            failures=self._failures,
+        )
 
     async def execute(
         self,

@@ -234,7 +234,7 @@ async def _serve(
                 if shutdown_trigger is None:
                     await trio.sleep_forever()
                 await shutdown_trigger()
-                connections = server.statistics()["connections"]
+                connections = server.statistics().connections
                 logger.info("asya-state-proxy draining (%d connections open)", connections)
                 server.begin_drain()
                 with trio.move_on_after(grace_period):
