@@ -15,13 +15,7 @@ median printed.
 
 Both run exactly the same SQL through the same server code (`_server._serve`).
 
-``--server`` picks the HTTP server in front of the same router: ``h11`` (what
-`asya-state-proxy` uses, `mesh_trio.stateproxy._http`) or ``hypercorn`` (a plain ASGI app
-around the same `Router`, on hypercorn's trio worker with a ``unix:`` bind, access log off,
-keep-alive unbounded), defined here to keep the comparison in docs/stateproxy.md reproducible.
-
-Usage: ``python bench/bench_stateproxy.py [--driver native|thread|both]
-[--server h11|hypercorn|both] [--connections 10]
+Usage: ``python bench/bench_stateproxy.py [--driver native|thread|both] [--connections 10]
 [--seconds 3] [--pg-url postgresql://postgres@127.0.0.1:5432/test]``
 """
 
@@ -38,20 +32,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import hypercorn.config
-import hypercorn.trio
 import psycopg
 import psycopg_pool
 import trio
 
 from mesh_trio.stateproxy._errors import PgError, StoreUnavailable
-from mesh_trio.stateproxy._http import Request
 from mesh_trio.stateproxy._pg import PgPool, Rows
-from mesh_trio.stateproxy._server import MAX_BODY, Router, _serve
-from mesh_trio.stateproxy._store import Database, KvStore
+from mesh_trio.stateproxy._server import _serve
 
 GET_KEYS = 1000
 VALUE = {"status": "running", "actor": "bench", "payload": {"text": "x" * 120}, "progress": 0.5}
@@ -102,72 +91,8 @@ class ThreadedDatabase:
             conn.execute(sql)  # type: ignore[call-overload]
 
 
-def asgi_app(router: Router, max_body: int = MAX_BODY) -> Any:
-    """The state proxy as a plain ASGI app: each request goes to `router` as a `Request`."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-            if size > max_body:
-                await send({"type": "http.response.start", "status": 413, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
-        query = scope.get("query_string", b"")
-        request = Request(
-            method=scope["method"].encode(),
-            target=scope["raw_path"] + (b"?" + query if query else b""),
-            headers=tuple(scope["headers"]),
-            body=b"".join(chunks),
-        )
-        response = await router.handle(request)
-        headers = list(response.headers)
-        if response.status != 204:
-            headers.append((b"content-type", response.content_type))
-            headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        body = b"" if request.method == b"HEAD" else response.body
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
-async def serve_hypercorn(
-    socket_path: str, db: Database, stop: Callable[[], Awaitable[None]]
-) -> None:
-    """The same router and store as `_serve`, behind hypercorn instead of our h11 server."""
-    store = KvStore(db)
-    await store.ensure_schema(())
-    config = hypercorn.config.Config()
-    config.bind = [f"unix:{socket_path}"]
-    config.accesslog = None
-    config.keep_alive_max_requests = 2**62
-    config.graceful_timeout = 1.0
-    try:
-        await hypercorn.trio.serve(asgi_app(Router(store)), config, shutdown_trigger=stop)
-    finally:
-        close = getattr(db, "close", None)
-        if close is not None:
-            close()
-
-
-def serve(socket_path: str, url: str, driver: str, pool_size: int, server: str = "h11") -> None:
-    """Child process: run the proxy with `driver` behind `server` until SIGTERM."""
+def serve(socket_path: str, url: str, driver: str, pool_size: int) -> None:
+    """Child process: run the proxy with `driver` until SIGTERM."""
 
     async def run() -> None:
         db = PgPool(url, max_size=pool_size) if driver == "native" else None
@@ -178,10 +103,7 @@ def serve(socket_path: str, url: str, driver: str, pool_size: int, server: str =
                 async for _ in signals:
                     return
 
-            if server == "hypercorn":
-                await serve_hypercorn(socket_path, database, stop)
-            else:
-                await _serve(socket_path, database, (), stop, 1.0, trio.TASK_STATUS_IGNORED)
+            await _serve(socket_path, database, (), stop, 1.0, trio.TASK_STATUS_IGNORED)
 
     trio.run(run)
 
@@ -292,9 +214,9 @@ async def _measure(
 
 
 def bench(
-    driver: str, url: str, connections: int, seconds: float, runs: int, server: str = "h11"
+    driver: str, url: str, connections: int, seconds: float, runs: int
 ) -> dict[str, tuple[float, float]]:
-    """Start a proxy child with `driver` behind `server`, measure, stop it (see `_measure`)."""
+    """Start a proxy child with `driver`, measure, stop it (see `_measure`)."""
     with tempfile.TemporaryDirectory(prefix="spb", dir="/tmp") as tmp:
         socket_path = os.path.join(tmp, "proxy.sock")
         child = subprocess.Popen(
@@ -309,8 +231,6 @@ def bench(
                 url,
                 "--pool-size",
                 str(connections),
-                "--server",
-                server,
             ]
         )
         try:
@@ -328,7 +248,6 @@ def bench(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--driver", choices=("native", "thread", "both"), default="both")
-    parser.add_argument("--server", choices=("h11", "hypercorn", "both"), default="h11")
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--pool-size", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -337,7 +256,7 @@ def main() -> None:
     parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.pg_url, args.driver, args.pool_size, args.server)
+        serve(args.serve, args.pg_url, args.driver, args.pool_size)
         return
 
     schema = f"sp_bench_{uuid.uuid4().hex[:8]}"
@@ -346,27 +265,21 @@ def main() -> None:
     sep = "&" if "?" in args.pg_url else "?"
     url = f"{args.pg_url}{sep}options=-csearch_path%3D{schema}"
     drivers = ("native", "thread") if args.driver == "both" else (args.driver,)
-    servers = ("h11", "hypercorn") if args.server == "both" else (args.server,)
     try:
         print(
             f"{args.connections} keep-alive connections, {args.seconds:g} s per run, "
             f"median of {args.runs} runs; req/s and proxy CPU microseconds per request"
         )
-        print(
-            f"{'driver':8} {'server':10} {'GET req/s':>10} {'CPU us':>7} "
-            f"{'cPUT req/s':>11} {'CPU us':>7}"
-        )
+        print(f"{'driver':8} {'GET req/s':>10} {'CPU us':>7} {'cPUT req/s':>11} {'CPU us':>7}")
         for driver in drivers:
-            for server in servers:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("DROP TABLE IF EXISTS kv")
-                got = bench(driver, url, args.connections, args.seconds, args.runs, server)
-                (get_rate, get_cpu), (cas_rate, cas_cpu) = got["GET"], got["conditional PUT"]
-                print(
-                    f"{driver:8} {server:10} {get_rate:10.0f} {get_cpu:7.0f} "
-                    f"{cas_rate:11.0f} {cas_cpu:7.0f}",
-                    flush=True,
-                )
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS kv")
+            got = bench(driver, url, args.connections, args.seconds, args.runs)
+            (get_rate, get_cpu), (cas_rate, cas_cpu) = got["GET"], got["conditional PUT"]
+            print(
+                f"{driver:8} {get_rate:10.0f} {get_cpu:7.0f} {cas_rate:11.0f} {cas_cpu:7.0f}",
+                flush=True,
+            )
     finally:
         with psycopg.connect(args.pg_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")  # type: ignore[call-overload]
