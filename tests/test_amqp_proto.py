@@ -278,20 +278,22 @@ def test_tuning_takes_the_lower_limit(
 # -- publishing and confirms -----------------------------------------------------------------
 
 
-def test_a_publish_is_exact_frames_cut_to_frame_max() -> None:
-    conn = connected(frame_max=4096)
-    body = bytes(range(256)) * 40  # 10240 bytes: frames of 4088, 4088 and 2064
+@pytest.mark.parametrize("size", [0, 2, 4088, 4089, 10240, 70000])
+def test_a_publish_is_exact_frames_cut_to_frame_max(size: int) -> None:
+    conn = connected(frame_max=4096, channels=2, exchange="asya")
+    body = (bytes(range(256)) * (size // 256 + 1))[:size]
+    publish(conn, "warm")  # channel 1
+    conn.data_to_send()
     publication = publish(conn, "a", body)
-    assert (publication.channel, publication.tag, publication.routing_key) == (1, 1, "a")
+    assert (publication.channel, publication.tag, publication.routing_key) == (2, 1, "a")
     properties = commands.Basic.Properties(content_type="application/json", delivery_mode=2)
+    chunks = [body[start : start + 4088] for start in range(0, size, 4088)]
     assert conn.data_to_send() == wire(
-        (1, commands.Basic.Publish(exchange="", routing_key="a", mandatory=True)),
-        (1, ContentHeader(body_size=len(body), properties=properties)),
-        (1, ContentBody(body[:4088])),
-        (1, ContentBody(body[4088:8176])),
-        (1, ContentBody(body[8176:])),
+        (2, commands.Basic.Publish(exchange="asya", routing_key="a", mandatory=True)),
+        (2, ContentHeader(body_size=size, properties=properties)),
+        *((2, ContentBody(chunk)) for chunk in chunks),
     )
-    assert conn.in_flight() == 1
+    assert conn.in_flight() == 2
 
 
 def _returned(key: str, body: bytes = b"{}") -> list[Frame]:

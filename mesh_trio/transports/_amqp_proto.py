@@ -53,6 +53,9 @@ from pamqp.heartbeat import Heartbeat
 from . import ActorNotFound, DispatchError, DispatchUnavailable
 
 _FRAME_HEADER: Final = struct.Struct(">BHI")
+_BODY_SIZE: Final = struct.Struct(">Q")
+_FRAME_END: Final = b"\xce"
+_BODY_FRAME: Final = 3
 FRAME_OVERHEAD: Final = 8  # 7-byte header + frame-end octet
 OUR_FRAME_MAX: Final = 131072  # RabbitMQ's default; bodies are cut into frames of at most this
 _LARGEST_FRAME: Final = 1 << 24  # refuse to buffer a frame bigger than this from a confused peer
@@ -301,6 +304,7 @@ class ClientConnection:
     _parser: FrameParser = attrs.field(init=False, factory=FrameParser)
     _out: list[bytes] = attrs.field(init=False, factory=lambda: [ProtocolHeader().marshal()])
     _publish_frames: dict[tuple[int, str], bytes] = attrs.field(init=False, factory=dict)
+    _header_frames: dict[int, tuple[bytes, bytes]] = attrs.field(init=False, factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -386,15 +390,13 @@ class ClientConnection:
         best.next_tag += 1
         out = self._out
         out.append(self._publish_frame(number, routing_key))
-        out.append(
-            pamqp_frame.marshal(
-                ContentHeader(body_size=len(body), properties=_PUBLISH_PROPERTIES), number
-            )
-        )
+        head, tail = self._header_frame(number)
+        out.append(head + _BODY_SIZE.pack(len(body)) + tail)
         assert self.tuning is not None  # usable implies tuned
         step = self.tuning.frame_max - FRAME_OVERHEAD
         for start in range(0, len(body), step):
-            out.append(pamqp_frame.marshal(ContentBody(body[start : start + step]), number))
+            chunk = body[start : start + step]
+            out.append(_FRAME_HEADER.pack(_BODY_FRAME, number, len(chunk)) + chunk + _FRAME_END)
         return publication
 
     def send_heartbeat(self) -> None:
@@ -668,6 +670,16 @@ class ClientConnection:
 
     def _write(self, number: int, frame: pamqp_frame.FrameTypes) -> None:
         self._out.append(pamqp_frame.marshal(frame, number))
+
+    def _header_frame(self, number: int) -> tuple[bytes, bytes]:
+        # The content header of a publish differs only in the body size (a fixed 8 bytes after
+        # the frame header, class id and weight): pamqp encodes it once per channel, we splice.
+        parts = self._header_frames.get(number)
+        if parts is None:
+            header = ContentHeader(body_size=0, properties=_PUBLISH_PROPERTIES)
+            encoded = pamqp_frame.marshal(header, number)
+            parts = self._header_frames[number] = (encoded[:11], encoded[19:])
+        return parts
 
     def _publish_frame(self, number: int, routing_key: str) -> bytes:
         # Encoding a Basic.Publish costs about as much as the rest of a send; actors are few.
