@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -25,6 +24,8 @@ from http import HTTPStatus
 import attrs
 import h11
 import trio
+
+from mesh_proto import error_body
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
@@ -58,11 +59,6 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def error_body(message: str) -> bytes:
-    """The protocol's error body: ``{"error": message}`` as JSON."""
-    return json.dumps({"error": message}).encode()
 
 
 @attrs.frozen(kw_only=True)
