@@ -37,6 +37,7 @@ from urllib.parse import quote
 import attrs
 
 from mesh_proto import (
+    MAX_DEPTH,
     BadRequest,
     Envelope,
     PayloadTooLarge,
@@ -169,7 +170,7 @@ def route_table() -> str:
 
 def _object(body: bytes, what: str) -> dict[str, Any]:
     check_body_size(len(body))
-    value = loads(body, what=what)
+    value = loads(body, what=what, max_depth=MAX_DEPTH)
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
@@ -312,7 +313,7 @@ def parse_fly(body: bytes) -> Any:
     """
     if len(body) > FLY_LIMIT:
         raise PayloadTooLarge(f"FLY body larger than {FLY_LIMIT} bytes")
-    return loads(body, what="FLY body")
+    return loads(body, what="FLY body", max_depth=MAX_DEPTH)
 
 
 # ---- client views ---------------------------------------------------------------------------

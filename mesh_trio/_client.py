@@ -44,9 +44,10 @@ __all__ = [
 
 # Idle connections are closed after this many seconds. The peers we keep connections to close
 # idle ones themselves: hypercorn (the internal port) after `keep_alive_timeout`, 5 s by default.
-# Dropping ours a second earlier means we never write on a connection the server is closing at
-# that moment, a race the readability check before reuse cannot see.
-KEEPALIVE_EXPIRY = 4.0
+# Dropping ours well before (2 s of margin, which covers a process stalled by CPU starvation
+# between taking a connection and writing on it) means we never write on a connection the
+# server is closing at that moment, a race the readability check before reuse cannot see.
+KEEPALIVE_EXPIRY = 3.0
 
 _SAFE = frozenset({"GET", "HEAD"})
 _READ_SIZE = 65536

@@ -28,7 +28,7 @@ from mesh_trio._client import ConnectError, ExchangeError, HttpPool
 from tests.harness import WAIT, MeshClient, start_mesh
 from tests.test_proxy_faults import Proxy
 
-# hypercorn's keep-alive timeout in these tests: far below the client's expiry (4 s), so only
+# hypercorn's keep-alive timeout in these tests: far below the client's expiry (3 s), so only
 # the readability check before reuse can save a request from a connection the server closed.
 SHORT_KEEP_ALIVE = 0.2
 
