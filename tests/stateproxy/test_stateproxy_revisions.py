@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
-from mesh_proto import FEATURES_HEADER, REV_GUARD
+from mesh_proto import (
+    FEATURES_HEADER,
+    REV_GUARD,
+    StoreReply,
+    StoreRequest,
+    check_health,
+    check_write,
+    health_request,
+    put_request,
+    query_request,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -130,3 +142,25 @@ async def test_twenty_concurrent_guarded_writers_have_one_winner(client, make_cl
     winners = [i for i, status in results.items() if status == 204]
     assert sorted(results.values()) == [204] + [409] * 19
     assert await stored(client, "race") == {"status": "running", "_rev": 8, "winner": winners[0]}
+
+
+async def test_the_client_builders_speak_this_proxy(client) -> None:
+    # mesh_proto's requests, sent as built, and its readers applied to the proxy's replies.
+    async def send(request: StoreRequest) -> StoreReply:
+        reply = await client.request(
+            request.method, request.target, request.body or None, list(request.headers)
+        )
+        headers = tuple((k.lower(), v) for k, v in reply.headers.items())
+        return StoreReply(status=reply.status, body=reply.body, headers=headers)
+
+    assert REV_GUARD in check_health(await send(health_request()))
+    key = "msg/x?y#z"
+    assert check_write(await send(put_request(key, {"status": "running", "_rev": 1})))
+    stale = put_request(key, {"status": "running", "_rev": 2}, if_status="running", if_rev=0)
+    assert not check_write(await send(stale))
+    fresh = put_request(key, {"status": "running", "_rev": 2}, if_status="running", if_rev=1)
+    assert check_write(await send(fresh))
+    listed = query_request(prefix="msg/", filter={"_rev": {"$gte": 2}}, count=True)
+    reply = await send(listed)
+    assert reply.status == 200
+    assert [row["key"] for row in json.loads(reply.body)["rows"]] == [key]
