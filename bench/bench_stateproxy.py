@@ -1,4 +1,7 @@
-"""Requests/s of the state proxy for GET and for conditional PUT over keep-alive connections.
+"""Requests/s of the state proxy for GET and conditional PUT over keep-alive connections.
+
+Workloads: GET of a random key; PUT guarded by ``if_status`` that always wins; PUT guarded by
+``if_status`` and ``if_rev`` together (the mesh API's write) that always wins.
 
 The proxy runs in a child process (this script with ``--serve``) on a temporary Unix socket,
 backed by PostgreSQL in a throw-away schema; the load generator runs here, N connections each
@@ -185,6 +188,8 @@ async def _measure(
             body = json.dumps({**VALUE, "status": "s0"}).encode()
             await stream.send_all(_request("PUT", f"/keys/bench%2Fcas%2F{w}", body))
             assert await _read_status(stream, buf) == 204
+            await stream.send_all(_request("PUT", f"/keys/bench%2Frev%2F{w}", body))
+            assert await _read_status(stream, buf) == 204
 
     def get(w: int, i: int) -> bytes:
         return _request("GET", f"/keys/bench%2Fget%2F{rng.randrange(GET_KEYS)}")
@@ -199,7 +204,17 @@ async def _measure(
         body = json.dumps({**VALUE, "status": f"s{(j + 1) % 2}", "n": j}).encode()
         return _request("PUT", f"/keys/bench%2Fcas%2F{w}?if_status=s{j % 2}", body)
 
-    workloads = {"GET": (get, 200), "conditional PUT": (cas, 204)}
+    # The mesh API's write to a proxy with the revision guard: status and revision both guarded.
+    revs = [0] * connections
+
+    def guarded(w: int, i: int) -> bytes:
+        j = revs[w]
+        revs[w] += 1
+        body = json.dumps({**VALUE, "status": f"s{(j + 1) % 2}", "_rev": j + 1}).encode()
+        target = f"/keys/bench%2Frev%2F{w}?if_status=s{j % 2}&if_rev={j}"
+        return _request("PUT", target, body)
+
+    workloads = {"GET": (get, 200), "conditional PUT": (cas, 204), "guarded PUT": (guarded, 204)}
     rates: dict[str, list[float]] = {name: [] for name in workloads}
     costs: dict[str, list[float]] = {name: [] for name in workloads}
     for _ in range(runs):
@@ -270,14 +285,19 @@ def main() -> None:
             f"{args.connections} keep-alive connections, {args.seconds:g} s per run, "
             f"median of {args.runs} runs; req/s and proxy CPU microseconds per request"
         )
-        print(f"{'driver':8} {'GET req/s':>10} {'CPU us':>7} {'cPUT req/s':>11} {'CPU us':>7}")
+        print(
+            f"{'driver':8} {'GET req/s':>10} {'CPU us':>7} {'cPUT req/s':>11} {'CPU us':>7} "
+            f"{'gPUT req/s':>11} {'CPU us':>7}"
+        )
         for driver in drivers:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("DROP TABLE IF EXISTS kv")
             got = bench(driver, url, args.connections, args.seconds, args.runs)
             (get_rate, get_cpu), (cas_rate, cas_cpu) = got["GET"], got["conditional PUT"]
+            rev_rate, rev_cpu = got["guarded PUT"]
             print(
-                f"{driver:8} {get_rate:10.0f} {get_cpu:7.0f} {cas_rate:11.0f} {cas_cpu:7.0f}",
+                f"{driver:8} {get_rate:10.0f} {get_cpu:7.0f} {cas_rate:11.0f} {cas_cpu:7.0f} "
+                f"{rev_rate:11.0f} {rev_cpu:7.0f}",
                 flush=True,
             )
     finally:
