@@ -54,9 +54,7 @@ from ._status import (
     apply_event,
 )
 from ._store import (
-    FEATURES_HEADER,
     MAX_ATTEMPTS,
-    REV_GUARD,
     StoreReply,
     StoreRequest,
     check_delete,
@@ -77,9 +75,11 @@ from ._store import (
 from ._time import format_time, parse_time
 from ._trace import traceparent_for
 from ._wire import (
+    FEATURES_HEADER,
     MAX_FIELD_NAME,
     MAX_PAGE,
     OPERATORS,
+    REV_GUARD,
     Condition,
     Query,
     SortKey,

@@ -41,16 +41,12 @@ from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocol
 from ._json import dumps, loads
 from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
-from ._wire import Query, key_target
+from ._wire import FEATURES_HEADER, Query, key_target
 
 # A conditional update loses a race only when another writer changed the envelope in between,
 # and every lost race is progress for someone: with N writers racing on one envelope the last
 # one wins by its N-th attempt. The bound is well above the writers one envelope sees at once.
 MAX_ATTEMPTS: Final = 64
-# The health reply's header listing what the proxy supports beyond the Asya protocol, and the
-# feature name of the revision guard (`PUT /keys/{key}?if_rev=N`).
-FEATURES_HEADER: Final = "asya-state-proxy-features"
-REV_GUARD: Final = "if_rev"
 JSON_HEADERS: Final = (("content-type", "application/json"),)
 LIVE_STATUSES: Final = tuple(s.value for s in Status if s not in TERMINAL)
 

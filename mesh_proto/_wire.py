@@ -49,6 +49,10 @@ OPERATORS: Final[Mapping[str, tuple[type, ...] | None]] = {
 }
 #: Largest `limit` / `offset` (PostgreSQL's bigint).
 MAX_PAGE: Final = 2**63 - 1
+# The health reply's header listing what the proxy supports beyond the Asya protocol, and the
+# feature name of the revision guard (`PUT /keys/{key}?if_rev=N`).
+FEATURES_HEADER: Final = "asya-state-proxy-features"
+REV_GUARD: Final = "if_rev"
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
