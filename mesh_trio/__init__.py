@@ -9,12 +9,12 @@ routes to both ports through `ExtensionRoute`s.
 
 from ._broadcast import Broadcaster, BroadcastStatistics, Subscription
 from ._config import Config, ConfigError, parse_duration
-from ._dispatch import ActorNotFound, Dispatcher, DispatchError, DispatchUnavailable, MemoryQueues
 from ._extension import Extension, ExtensionReply, ExtensionRequest, ExtensionRoute
 from ._hub import Hub
 from ._mesh import Mesh, SseDialect
 from ._server import Bound, serve
 from ._store import MemoryStore, SqliteStore, Store
+from .transports import ActorNotFound, Dispatcher, DispatchError, DispatchUnavailable, MemoryQueues
 
 __all__ = [
     "ActorNotFound",

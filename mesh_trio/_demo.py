@@ -29,7 +29,7 @@ import trio
 from mesh_proto import dumps, queue_name
 
 from ._client import ConnectError, ExchangeError, HttpPool
-from ._dispatch import MemoryQueues
+from .transports import MemoryQueues
 
 log = logging.getLogger("mesh_trio.demo")
 

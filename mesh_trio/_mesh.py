@@ -46,8 +46,8 @@ from mesh_proto import (
 )
 
 from ._broadcast import Broadcaster
-from ._dispatch import ActorNotFound, Dispatcher, DispatchUnavailable
 from ._store import Store
+from .transports import ActorNotFound, Dispatcher, DispatchUnavailable
 
 log = logging.getLogger("mesh_trio")
 

@@ -33,7 +33,7 @@ import attrs
 import h11
 import trio
 
-from mesh_trio._sqs import SqsDispatcher
+from mesh_trio.transports._sqs import SqsDispatcher
 
 ACCOUNT = "123456789012"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from mesh_trio._dispatch import ActorNotFound, DispatchUnavailable
-from mesh_trio._sqs import (
+from mesh_trio.transports import ActorNotFound, DispatchUnavailable
+from mesh_trio.transports._sqs import (
     Credentials,
     SqsDispatcher,
     SqsServiceError,

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import trio
 
-from mesh_trio._sqs import open_sqs_dispatcher
+from mesh_trio.transports._sqs import open_sqs_dispatcher
 from tests.harness import start_mesh
 from tests.sqs_helpers import create_queue, moto_endpoint, receive_bodies
 

@@ -66,7 +66,8 @@ def test_heavy_transports_are_imported_only_when_opened() -> None:
     probe = (
         "import sys, mesh_trio, mesh_trio.transports\n"
         "print(sorted(m for m in sys.modules if m.startswith('pamqp') or m in "
-        "('mesh_trio._sqs', 'mesh_trio.transports._amqp', 'mesh_trio.transports._amqp_proto')))"
+        "('mesh_trio.transports._sqs', 'mesh_trio.transports._amqp',"
+        " 'mesh_trio.transports._amqp_proto')))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ up; `transport_names()` is what `ASYA_QUEUE_TRANSPORT` may be (`Config.from_env`
 |---|---|---|
 | `memory` | `_memory.py`: in-process queues (demo actors, tests) | with this package |
 | `rabbitmq` | `_amqp.py`: AMQP 0-9-1 from trio, publisher confirms | when opened |
-| `sqs` | `mesh_trio._sqs` | when opened |
+| `sqs` | `_sqs.py` | when opened |
 
 `send` distinguishes the two failures the HTTP contract needs: the queue does not exist
 (`ActorNotFound`, create answers 404 and removes the record) and the broker cannot take the
@@ -126,7 +126,7 @@ async def _open_rabbitmq(config: Config) -> AsyncIterator[Dispatcher]:
 
 @asynccontextmanager
 async def _open_sqs(config: Config) -> AsyncIterator[Dispatcher]:
-    from .._sqs import open_sqs_dispatcher
+    from ._sqs import open_sqs_dispatcher
 
     if config.sqs_region is None:
         from .._config import ConfigError

@@ -42,8 +42,8 @@ from urllib.parse import quote, urlsplit
 import attrs
 import trio
 
-from ._client import ConnectError, ExchangeError, HttpPool, HttpReply
-from ._dispatch import ActorNotFound, DispatchUnavailable
+from .._client import ConnectError, ExchangeError, HttpPool, HttpReply
+from . import ActorNotFound, DispatchUnavailable
 
 __all__ = [
     "Credentials",
