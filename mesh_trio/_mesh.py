@@ -242,4 +242,9 @@ class Mesh:
                     return
 
     async def ready(self) -> None:
+        """Raises `ServiceError` (503) unless both the store and the queue transport answer."""
         await self.store.ping()
+        try:
+            await self.dispatcher.ping()
+        except DispatchUnavailable as exc:
+            raise ServiceError(f"queue unavailable: {exc}") from None

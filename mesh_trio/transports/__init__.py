@@ -66,6 +66,14 @@ class Dispatcher(Protocol):
         confirmed it). Raises `ActorNotFound` or `DispatchUnavailable`.
         """
 
+    async def ping(self) -> None:
+        """Check the transport can take messages now (what `/ready` reports).
+
+        Raises `DispatchUnavailable` naming why not (for RabbitMQ: no live connection, with
+        the last reason, e.g. the broker refused the login; for SQS: the endpoint did not
+        answer or refused the call).
+        """
+
 
 Opener: TypeAlias = "Callable[[Config], AbstractAsyncContextManager[Dispatcher]]"
 

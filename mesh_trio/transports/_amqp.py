@@ -528,6 +528,13 @@ class RabbitDispatcher:
             raise publication.error
         self._faults.clear()
 
+    async def ping(self) -> None:
+        """Raise `DispatchUnavailable` (with the last reason) unless a connection is up."""
+        if not self.connected:
+            raise DispatchUnavailable(
+                f"RabbitMQ at {self._url.display} is unavailable: {self._down_reason}"
+            )
+
     async def wait_connected(self) -> None:
         """Wait until a connection is up (bound it with a trio timeout)."""
         while not self.connected:

@@ -32,6 +32,9 @@ class MemoryQueues:
             self._queues[name] = pair
         return pair
 
+    async def ping(self) -> None:
+        """Always ready: the queues are in this process."""
+
     async def send(self, queue: str, body: bytes) -> None:
         self._queue(queue)[0].send_nowait(body)
         self.sent += 1

@@ -423,6 +423,14 @@ class SqsDispatcher:
             del self._lookups[queue]
             done.set()
 
+    async def ping(self) -> None:
+        """One cheap signed call (`ListQueues`, at most one result): the endpoint answers and
+        accepts our credentials, or `DispatchUnavailable` says why not."""
+        try:
+            await self.call("ListQueues", {"MaxResults": 1}, idempotent=True)
+        except ActorNotFound as exc:  # not a queue call: any error means "not usable"
+            raise DispatchUnavailable(f"SQS ListQueues: {exc}") from None
+
     async def call(
         self, action: str, params: Mapping[str, Any], *, idempotent: bool = False
     ) -> dict[str, Any]:
