@@ -12,7 +12,7 @@
 #   both           GET  /health, GET /ready        200
 #                  GET  /bench/stats               hub counters: publishes, writes, frames
 #
-# Fan-out follows the design (DESIGN.md §5): a frame is encoded once; each subscriber owns a
+# Fan-out follows the contract (docs/contract.md, SSE): a frame is encoded once; each subscriber owns a
 # list of waiting frames and a parking lot its writer sleeps in; publishing appends and unparks,
 # never awaits; a woken writer sends all its waiting frames in one body message. A terminal
 # status frame ends the stream after it is written. One timer sends `:keepalive` to quiet
@@ -238,7 +238,7 @@ def make_app(hub: Hub, *, prefix: str, internal: bool) -> Callable[..., Awaitabl
 
 
 def hypercorn_config(port: int) -> Config:
-    """The hypercorn settings the real server uses (DESIGN.md §9), bound to 127.0.0.1:`port`."""
+    """The hypercorn settings the real server uses, bound to 127.0.0.1:`port`."""
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.keep_alive_max_requests = 10**9

@@ -1,4 +1,4 @@
-# Load generator for any server of the mesh API contract (DESIGN.md §3, §5) on 127.0.0.1.
+# Load generator for any server of the mesh API contract (docs/contract.md) on 127.0.0.1.
 #
 # Written with trio and h11 over plain `trio.open_tcp_stream` keep-alive connections: one h11
 # client state machine per connection, no pooling layer, no HTTP library. SSE response heads go

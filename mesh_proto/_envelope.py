@@ -4,7 +4,7 @@ An `Envelope` is a frozen value. It has three shapes on the wire:
 
 - `to_json()`: what GET and list answer, `{"id", "status", "created_at", "updated_at", "data"}`;
 - `to_value()`: what the store keeps under `msg/{id}`, the data plus a top-level `status`;
-- `wire_message()`: the JSON body put on the actor's queue (DESIGN §7).
+- `wire_message()`: the JSON body put on the actor's queue (docs/contract.md, "Queue message").
 
 `Envelope.new` builds a fresh `pending` envelope from a validated create request; the id and
 `now` come from the runtime, so the core stays free of randomness and clocks.
@@ -136,7 +136,7 @@ class Envelope:
         }
 
     def wire_message(self) -> bytes:
-        """The queue message of DESIGN §7 for this (new) envelope."""
+        """The queue message (docs/contract.md, "Queue message") for this (new) envelope."""
         status: dict[str, Any] = {
             "phase": "pending",
             "actor": self.data.get("actor"),

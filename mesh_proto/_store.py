@@ -1,4 +1,4 @@
-"""The state-proxy protocol (DESIGN §6), client side, as a codec and sans-IO procedures.
+"""The state-proxy protocol (docs/stateproxy.md), client side, as a codec and sans-IO procedures.
 
 Builders return `StoreRequest` values (method, target with the key percent-encoded, headers,
 body); readers turn a `StoreReply` (status, body) into results or raise: `StoreProtocolError`
@@ -101,7 +101,7 @@ def query_request(
     offset: int = 0,
     count: bool = False,
 ) -> StoreRequest:
-    """`POST /query` with the Mango-style filter of DESIGN §6, as `Query` encodes it.
+    """`POST /query` with the Mango-style filter of docs/stateproxy.md, as `Query` encodes it.
 
     Raises:
         BadRequest: the query breaks a rule the proxy enforces (see `Query`): a bug of the

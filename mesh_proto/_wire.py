@@ -1,4 +1,4 @@
-"""The state-proxy wire protocol (DESIGN §6), one definition for the client and the proxy.
+"""The state-proxy wire protocol (docs/stateproxy.md), one definition for the client and the proxy.
 
 Everything both sides must agree on lives here, and nowhere else: how a key travels in the
 path (`encode_key` / `decode_key`), how a query string is decoded, what a revision guard

@@ -1,4 +1,4 @@
-"""Configuration from the environment (DESIGN §2).
+"""Configuration from the environment (the README's "Production" table).
 
 `Config.from_env(environ)` reads every `ASYA_*` setting once at start. A bad value raises
 `ConfigError` whose message is one line naming the variable; the CLI prints it and exits 2.

@@ -92,8 +92,9 @@ def _as_published(envelope_id: str, published: Published, now: datetime) -> byte
 @attrs.frozen
 class SseDialect:
     """How a stream encodes what the core lets through: the catch-up snapshot, each live event
-    (given the envelope id and `now`), and the keepalive comment. The default is DESIGN §5:
-    the envelope as GET returns it, and the frames as published (encoded once for everyone).
+    (given the envelope id and `now`), and the keepalive comment. The default is the contract's
+    (docs/contract.md, "SSE"): the envelope as GET returns it, and the frames as published
+    (encoded once for everyone).
     """
 
     snapshot: Callable[[Envelope], bytes] = catch_up_frame

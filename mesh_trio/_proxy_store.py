@@ -1,4 +1,4 @@
-"""The state-proxy store: `Store` over HTTP/1.1 on a Unix socket (DESIGN §6).
+"""The state-proxy store: `Store` over HTTP/1.1 on a Unix socket (docs/stateproxy.md).
 
 Every operation is a `mesh_proto` procedure (a generator of `StoreRequest`s) driven here over
 a keep-alive connection pool, so status updates get the core's conditional-update guarantee:

@@ -1,4 +1,4 @@
-"""Every route and error case of DESIGN §3 over real sockets, with the store checked after
+"""Every route and error case of docs/contract.md over real sockets, with the store checked after
 each client mistake (a 4xx changes nothing)."""
 
 from __future__ import annotations

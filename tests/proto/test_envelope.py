@@ -1,4 +1,4 @@
-"""The envelope's shapes (DESIGN §3, §6, §7), the backstop's decision, time and errors."""
+"""The envelope's shapes (docs/contract.md), the backstop's decision, time and errors."""
 
 from __future__ import annotations
 

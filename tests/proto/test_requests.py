@@ -1,4 +1,4 @@
-"""Parsers of untrusted input (DESIGN §3 "Create body", "List", "Fine points").
+"""Parsers of untrusted input (docs/contract.md: "HTTP: common rules", "External port").
 
 Every parser either returns a typed value or raises a `ClientError` that carries its reply;
 the property tests at the end feed them garbage to prove nothing else escapes.

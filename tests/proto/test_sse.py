@@ -1,4 +1,4 @@
-"""SSE (DESIGN §5): exact frame bytes, the stream state machine, and the parser."""
+"""SSE (docs/contract.md, "SSE"): exact frame bytes, the stream state machine, and the parser."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The state-proxy client (DESIGN §6): exact requests, reply readers, and the procedures.
+"""The state-proxy client (docs/stateproxy.md): exact requests, reply readers, and the procedures.
 
 The procedures run against `FakeKV`, an in-test state proxy with the `GET` / `PUT ?if_status=`
 semantics of the real one, which can also let another writer in, fail, or answer garbage
