@@ -12,7 +12,7 @@
 #   both           GET  /health, GET /ready        200
 #                  GET  /bench/stats               hub counters: publishes, writes, frames
 #
-# Fan-out follows the contract (docs/contract.md, SSE): a frame is encoded once; each subscriber owns a
+# Fan-out follows docs/contract.md (SSE): a frame is encoded once; each subscriber owns a
 # list of waiting frames and a parking lot its writer sleeps in; publishing appends and unparks,
 # never awaits; a woken writer sends all its waiting frames in one body message. A terminal
 # status frame ends the stream after it is written. One timer sends `:keepalive` to quiet

@@ -1,4 +1,4 @@
-# The state proxy: routes of the protocol (docs/stateproxy.md) on the HTTP server, over the kv store.
+# The state proxy: the routes of docs/stateproxy.md on the HTTP server, over the kv store.
 #
 # `serve_state_proxy` owns everything and in this order: the PostgreSQL pool, the schema (made
 # before anything listens), the Unix socket (a stale socket file is removed, a live one is left

@@ -1,4 +1,4 @@
-"""Routing (docs/contract.md, "HTTP"): the prefix, 404 versus 405 with `Allow`, and the two port roles."""
+"""Routing (docs/contract.md): the prefix, 404 versus 405 with `Allow`, and the two port roles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The status table (docs/contract.md, "Status model"): every (stored, incoming) pair, and event normalisation."""
+"""The status table (docs/contract.md): every (stored, incoming) pair, and event normalisation."""
 
 from __future__ import annotations
 
