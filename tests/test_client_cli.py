@@ -245,6 +245,27 @@ async def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "the payload is not JSON" in capsys.readouterr().err
 
 
+async def test_watch_cut_off_by_a_server_shutdown_exits_4(
+    nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutdown = trio.Event()
+    mesh = await start_mesh(nursery, shutdown=shutdown)
+    envelope_id = await mesh.create("mine")
+    async with trio.open_nursery() as inner:
+        result: list[int] = []
+
+        async def watch() -> None:
+            result.append(await run("--url", url(mesh), "watch", envelope_id))
+
+        inner.start_soon(watch)
+        await wait_subscribed(mesh, envelope_id)
+        shutdown.set()  # the drain ends open streams cleanly, before any terminal status
+    assert result == [4]
+    assert capsys.readouterr().err == (
+        f"asya-mesh: the stream of {envelope_id} ended while it was pending\n"
+    )
+
+
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A port bound but not listening: connections to it are refused."""
