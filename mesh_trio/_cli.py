@@ -1,17 +1,68 @@
-"""`asya-mesh-api`: read the environment, run `serve()` until SIGINT/SIGTERM, exit 0."""
+"""`asya-mesh-api`: read the environment, run `serve()` until SIGINT/SIGTERM, exit 0.
+
+Settings are environment variables only (`_config.SETTINGS`); the command line takes just
+`--help` (which lists them, generated from the schema) and `--version`, and anything else is a
+usage error (exit 2). Every failure to start is one line on stderr naming its cause: a bad
+setting exits 2, a port, host or file that cannot be used exits 1. trio wraps a failure in one
+`ExceptionGroup` per nursery it crosses; `root_cause` unwraps them. An unreachable state proxy
+is not a failure: the server starts with a warning and `/ready` answers 503 until it is up.
+"""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterable
+from importlib.metadata import version
 
 import trio
 
-from ._config import Config, ConfigError
+from mesh_proto import ServiceError
+
+from ._config import SETTINGS, Config, ConfigError, Setting, StartupError, root_cause
 from ._server import serve
+
+PROG = "asya-mesh-api"
+log = logging.getLogger("mesh_trio")
+
+
+def settings_help(settings: Iterable[Setting]) -> str:
+    """The `--help` text of the settings: each variable, its default and its meaning."""
+    lines = ["settings (environment variables only):"]
+    for setting in settings:
+        lines.append(f"  {setting.env} (default: {setting.shown_default.replace('`', '')})")
+        lines.append(f"      {setting.meaning.replace('`', '')}")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: `--help` and `--version`; any other argument is a usage error."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve the mesh API: clients on the external port, sidecars on the internal.",
+        epilog=settings_help(SETTINGS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version(PROG)}")
+    return parser
+
+
+async def _warn_if_proxy_unreachable(path: str) -> None:
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        log.warning(
+            "ASYA_STATEPROXY_SOCKET=%s: state proxy not reachable (%s); "
+            "/ready answers 503 until it is",
+            path,
+            exc.strerror or exc,
+        )
+    else:
+        await stream.aclose()
 
 
 async def _run(config: Config) -> None:
@@ -21,9 +72,11 @@ async def _run(config: Config) -> None:
 
         async def until_signal() -> None:
             async for signum in signals:
-                logging.getLogger("mesh_trio").info("received %s", signal.Signals(signum).name)
+                log.info("received %s", signal.Signals(signum).name)
                 return
 
+        if config.state_proxy_socket is not None:
+            await _warn_if_proxy_unreachable(config.state_proxy_socket)
         await serve(config, shutdown_trigger=until_signal)
 
 
@@ -41,12 +94,17 @@ def tune_gc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the mesh API; returns the exit code (2 for a configuration error)."""
+    """Run the mesh API; returns the exit code.
+
+    0 after SIGINT/SIGTERM, 2 for a bad setting (or a usage error, which argparse exits with),
+    1 when the server cannot start (port in use, host unknown, store unusable). Any other
+    exception is a bug and keeps its traceback.
+    """
+    parser().parse_args(argv)
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
-        print(f"asya-mesh-api: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(2, f"configuration error: {exc}")
     tune_gc()
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -54,13 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         trio.run(_run, config)
-    except ConfigError as exc:
-        print(f"asya-mesh-api: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"asya-mesh-api: cannot start: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, ConfigError):
+            return _fail(2, f"configuration error: {cause}")
+        if isinstance(cause, StartupError | OSError | ServiceError):
+            return _fail(1, f"cannot start: {cause}")
+        raise
     return 0
+
+
+def _fail(status: int, line: str) -> int:
+    print(f"{PROG}: {line}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Configuration from the environment (the README's "Production" table).
 
-`Config.from_env(environ)` reads every `ASYA_*` setting once at start. A bad value raises
-`ConfigError` whose message is one line naming the variable; the CLI prints it and exits 2.
+`SETTINGS` is the one list of what the mesh API reads: each `Setting` names its environment
+variable, its default (as text, parsed like any value), a one-line meaning, and the parser that
+turns the text into a `Config` field. `Config.from_env(environ)` walks it once at start; the
+CLI's `--help` and the README's settings table (`tools/gen_docs.py`) are generated from it, so
+neither can drift from what is parsed. A bad value raises `ConfigError` whose message is one
+line naming the variable; the CLI prints it and exits 2.
 Durations accept Go-style values (`5s`, `500ms`, `1m`, `1m30s`) and plain seconds (`2`, `0.5`).
 """
 
@@ -9,10 +13,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import attrs
+import trio
 
 from mesh_proto import Router
 
@@ -21,6 +26,24 @@ from .transports import transport_names
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+class StartupError(Exception):
+    """The process cannot start (a port, a host, a file); the message is one line naming why."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first exception inside `exc` that is not a group (trio nests them per nursery).
+
+    Cancellations are skipped when there is anything else: they are the nursery's reaction
+    to the failure, not its cause.
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        causes = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)] or list(
+            exc.exceptions
+        )
+        exc = causes[0]
+    return exc
 
 
 _UNITS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -50,6 +73,257 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"not a non-negative duration: {text!r}")
     return value
+
+
+# A parser gets the variable's name (for the message) and its stripped text.
+Parser = Callable[[str, str], Any]
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _port(name: str, raw: str) -> int:
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ConfigError(f"{name}={raw!r}: not a TCP port (0-65535)")
+    return int(raw)
+
+
+def _duration(name: str, raw: str) -> float:
+    try:
+        value = parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: must be greater than zero")
+    return value
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: use 1 or 0")
+
+
+def _choice(options: Callable[[], tuple[str, ...]]) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in options():
+            raise ConfigError(f"{name}={value!r}: one of {', '.join(options())}")
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        if not raw.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+            raise ConfigError(f"{name}={raw!r}: not a {'/'.join(schemes)}:// URL")
+        return raw
+
+    return parse
+
+
+def _store(name: str, raw: str) -> str:
+    if raw != "memory" and not (raw.startswith("sqlite:") and len(raw) > 7):
+        raise ConfigError(f"{name}={raw!r}: use memory or sqlite:PATH")
+    return raw
+
+
+def _namespace(name: str, raw: str) -> str:
+    if not _NAME.fullmatch(raw):
+        raise ConfigError(f"{name}={raw!r}: letters, digits, '-', '_', '.'")
+    return raw
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
+
+
+@attrs.frozen(kw_only=True)
+class Setting:
+    """One environment variable: where it goes in `Config`, its default and what it means.
+
+    `default` is text parsed like a value from the environment; None means unset, which leaves
+    the `Config` field's own default. `shown` is how the default reads (Markdown) in `--help`
+    and the README when it is not the text itself. With `blank_is_value`, a variable set to
+    the empty string means the empty string rather than the default.
+    """
+
+    env: str
+    field: str
+    default: str | None
+    meaning: str
+    parse: Parser = _text
+    shown: str | None = None
+    blank_is_value: bool = False
+
+    @property
+    def shown_default(self) -> str:
+        """The default as it reads in docs, in Markdown: `` `8080` ``, `` `""` ``, `unset`."""
+        if self.shown is not None:
+            return self.shown
+        if self.default is None:
+            return "unset"
+        return f"`{self.default}`" if self.default else '`""`'
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting(
+        env="ASYA_MESH_EXTERNAL_PORT",
+        field="external_port",
+        default="8080",
+        meaning="client port (`0`: any free port)",
+        parse=_port,
+    ),
+    Setting(
+        env="ASYA_MESH_INTERNAL_PORT",
+        field="internal_port",
+        default="8081",
+        meaning="sidecar port (`0`: any free port)",
+        parse=_port,
+    ),
+    Setting(
+        env="ASYA_MESH_HOST", field="host", default="0.0.0.0", meaning="address both ports bind to"
+    ),
+    Setting(
+        env="ASYA_MESH_API_PREFIX",
+        field="prefix",
+        default="/api/v1",
+        meaning='route prefix; `""` gives `/mesh/...`',
+        blank_is_value=True,
+    ),
+    Setting(
+        env="ASYA_STATEPROXY_SOCKET",
+        field="state_proxy_socket",
+        default=None,
+        meaning="state-proxy Unix socket; unset = embedded store",
+    ),
+    Setting(
+        env="ASYA_MESH_STORE",
+        field="store",
+        default="memory",
+        meaning="embedded store: `memory` or `sqlite:PATH` (survives restarts)",
+        parse=_store,
+    ),
+    Setting(
+        env="ASYA_QUEUE_TRANSPORT",
+        field="transport",
+        default="memory",
+        meaning="`memory`, `rabbitmq` or `sqs`",
+        parse=_choice(transport_names),
+    ),
+    Setting(
+        env="ASYA_NAMESPACE",
+        field="namespace",
+        default="default",
+        meaning="queue `asya-{namespace}-{actor}`; `?namespace=` overrides per create",
+        parse=_namespace,
+    ),
+    Setting(
+        env="ASYA_INTERNAL_URL",
+        field="internal_url",
+        default=None,
+        meaning="stamped into header `x-asya-gateway-url`; required with a real transport",
+        parse=_url("http", "https"),
+        shown="`http://127.0.0.1:<internal port>`",
+    ),
+    Setting(
+        env="ASYA_RABBITMQ_URL",
+        field="rabbitmq_url",
+        default=None,
+        meaning="broker URL, required with `rabbitmq` (see docs/rabbitmq.md)",
+        parse=_url("amqp", "amqps"),
+    ),
+    Setting(
+        env="ASYA_RABBITMQ_EXCHANGE",
+        field="rabbitmq_exchange",
+        default="",
+        meaning="exchange (see docs/rabbitmq.md)",
+        blank_is_value=True,
+    ),
+    Setting(
+        env="ASYA_SQS_REGION",
+        field="sqs_region",
+        default=None,
+        meaning="SQS region, required with `sqs` (see docs/sqs.md)",
+    ),
+    Setting(
+        env="ASYA_SQS_ENDPOINT",
+        field="sqs_endpoint",
+        default=None,
+        meaning="SQS endpoint URL instead of AWS's (see docs/sqs.md)",
+        parse=_url("http", "https"),
+    ),
+    Setting(
+        env="ASYA_BACKSTOP_INTERVAL",
+        field="backstop_interval",
+        default="5s",
+        meaning="how often expired envelopes are failed",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_SSE_KEEPALIVE",
+        field="sse_keepalive",
+        default="15s",
+        meaning="`:keepalive` after this much silence",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_COMPAT",
+        field="compat",
+        default="0",
+        meaning="`1` mounts the legacy routes (docs/compat.md)",
+        parse=_flag,
+    ),
+    Setting(
+        env="ASYA_MESH_CORS_ORIGINS",
+        field="cors_origins",
+        default=None,
+        meaning="comma-separated origins allowed to call the external port",
+        parse=_origins,
+        shown="none",
+    ),
+    Setting(
+        env="ASYA_MESH_DEMO_ACTORS",
+        field="demo_actors",
+        default="1",
+        meaning="run the demo actors (only with the `memory` transport)",
+        parse=_flag,
+    ),
+    Setting(
+        env="ASYA_MESH_GRACEFUL_TIMEOUT",
+        field="graceful_timeout",
+        default="5s",
+        meaning="how long in-flight requests may finish on shutdown",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_TRACING",
+        field="tracing",
+        default="0",
+        meaning=(
+            "`1` stamps a W3C `traceparent` header on new envelopes (joining the caller's trace)"
+        ),
+        parse=_flag,
+    ),
+    Setting(
+        env="ASYA_MESH_ACCESS_LOG",
+        field="access_log",
+        default="0",
+        meaning="hypercorn access log (costs 10-20 % throughput)",
+        parse=_flag,
+    ),
+    Setting(
+        env="ASYA_LOG_LEVEL",
+        field="log_level",
+        default="info",
+        meaning="`debug`, `info`, `warning` or `error`; `debug` adds one line per request",
+        parse=_choice(lambda: LOG_LEVELS),
+    ),
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -95,91 +369,22 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        """Read the configuration; raises `ConfigError` naming the first bad variable."""
+        """Read every setting of `SETTINGS` from `env`.
 
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() != "" else None
-
-        def port(name: str, default: int) -> int:
-            raw = get(name)
-            if raw is None:
-                return default
-            if not raw.isdigit() or int(raw) > 65535:
-                raise ConfigError(f"{name}={raw!r}: not a TCP port (0-65535)")
-            return int(raw)
-
-        def duration(name: str, default: float, *, positive: bool = True) -> float:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                value = parse_duration(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-            if positive and value <= 0:
-                raise ConfigError(f"{name}={raw!r}: must be greater than zero")
-            return value
-
-        def choice(name: str, default: str, options: tuple[str, ...]) -> str:
-            raw = (get(name) or default).lower()
-            if raw not in options:
-                raise ConfigError(f"{name}={raw!r}: one of {', '.join(options)}")
-            return raw
-
-        def flag(name: str, default: bool) -> bool:
-            raw = get(name)
-            if raw is None:
-                return default
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{name}={raw!r}: use 1 or 0")
-
-        store = get("ASYA_MESH_STORE") or "memory"
-        if store != "memory" and not (store.startswith("sqlite:") and len(store) > 7):
-            raise ConfigError(f"ASYA_MESH_STORE={store!r}: use memory or sqlite:PATH")
-        namespace = get("ASYA_NAMESPACE") or "default"
-        if not _NAME.fullmatch(namespace):
-            raise ConfigError(f"ASYA_NAMESPACE={namespace!r}: letters, digits, '-', '_', '.'")
-        transport = choice("ASYA_QUEUE_TRANSPORT", "memory", transport_names())
-        rabbitmq_url = get("ASYA_RABBITMQ_URL")
-        if transport == "rabbitmq" and rabbitmq_url is None:
+        Raises:
+            ConfigError: a value is invalid or a required one is missing; the message names
+                the first bad variable.
+        """
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = env.get(setting.env)
+            text = raw.strip() if raw is not None else None
+            if text is None or (text == "" and not setting.blank_is_value):
+                text = setting.default
+            if text is not None:
+                values[setting.field] = setting.parse(setting.env, text)
+        if values["transport"] == "rabbitmq" and "rabbitmq_url" not in values:
             raise ConfigError("ASYA_RABBITMQ_URL: required with ASYA_QUEUE_TRANSPORT=rabbitmq")
-        if rabbitmq_url is not None and not rabbitmq_url.startswith(("amqp://", "amqps://")):
-            raise ConfigError(f"ASYA_RABBITMQ_URL={rabbitmq_url!r}: not an amqp:// URL")
-        sqs_region = get("ASYA_SQS_REGION")
-        if transport == "sqs" and sqs_region is None:
+        if values["transport"] == "sqs" and "sqs_region" not in values:
             raise ConfigError("ASYA_SQS_REGION: required with ASYA_QUEUE_TRANSPORT=sqs")
-        sqs_endpoint = get("ASYA_SQS_ENDPOINT")
-        if sqs_endpoint is not None and not sqs_endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"ASYA_SQS_ENDPOINT={sqs_endpoint!r}: not an http(s):// URL")
-        internal_url = get("ASYA_INTERNAL_URL")
-        if internal_url is not None and not internal_url.startswith(("http://", "https://")):
-            raise ConfigError(f"ASYA_INTERNAL_URL={internal_url!r}: not an http(s):// URL")
-        origins = tuple(o.strip() for o in (get("ASYA_MESH_CORS_ORIGINS") or "").split(",") if o)
-        return cls(
-            host=get("ASYA_MESH_HOST") or "0.0.0.0",
-            external_port=port("ASYA_MESH_EXTERNAL_PORT", 8080),
-            internal_port=port("ASYA_MESH_INTERNAL_PORT", 8081),
-            prefix=env.get("ASYA_MESH_API_PREFIX", "/api/v1"),
-            state_proxy_socket=get("ASYA_STATEPROXY_SOCKET"),
-            store=store,
-            internal_url=internal_url,
-            transport=transport,
-            namespace=namespace,
-            rabbitmq_url=rabbitmq_url or cls.rabbitmq_url,
-            rabbitmq_exchange=env.get("ASYA_RABBITMQ_EXCHANGE", "").strip(),
-            sqs_region=sqs_region,
-            sqs_endpoint=sqs_endpoint,
-            backstop_interval=duration("ASYA_BACKSTOP_INTERVAL", 5.0),
-            sse_keepalive=duration("ASYA_MESH_SSE_KEEPALIVE", 15.0),
-            log_level=choice("ASYA_LOG_LEVEL", "info", LOG_LEVELS),
-            compat=flag("ASYA_MESH_COMPAT", False),
-            cors_origins=origins,
-            demo_actors=flag("ASYA_MESH_DEMO_ACTORS", True),
-            graceful_timeout=duration("ASYA_MESH_GRACEFUL_TIMEOUT", 5.0),
-            access_log=flag("ASYA_MESH_ACCESS_LOG", False),
-            tracing=flag("ASYA_MESH_TRACING", False),
-        )
+        return cls(**values)

@@ -15,6 +15,7 @@ Shutdown is an ordered drain, triggered by `shutdown_trigger` returning:
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -27,7 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ._backstop import run_backstop
 from ._broadcast import Broadcaster
-from ._config import Config, ConfigError
+from ._config import Config, ConfigError, StartupError, root_cause
 from ._demo import run_demo_actors
 from ._extension import Extensions
 from ._hub import Hub
@@ -92,6 +93,36 @@ def _port(binds: list[str]) -> int:
     return int(binds[0].rsplit(":", 1)[1])
 
 
+async def _start_listener(
+    nursery: trio.Nursery,
+    listen: Callable[..., Awaitable[Any]],
+    app: Any,
+    settings: Callable[[str, int], Any],
+    config: Config,
+    variable: str,
+) -> list[str]:
+    """Start one listener on `config.host` and the port `variable` sets; returns its binds.
+
+    Raises:
+        StartupError: the host does not resolve or the port cannot be bound (in use, not
+            allowed), naming the setting.
+    """
+    host = config.host
+    port = config.internal_port if variable == "ASYA_MESH_INTERNAL_PORT" else config.external_port
+    try:
+        binds: list[str] = await nursery.start(listen, app, settings(host, port))
+    except (OSError, BaseExceptionGroup) as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, socket.gaierror):
+            raise StartupError(f"ASYA_MESH_HOST={host!r}: {cause.strerror}") from cause
+        if isinstance(cause, OSError):
+            raise StartupError(
+                f"{variable}={port}: cannot listen on {host}:{port}: {cause.strerror}"
+            ) from cause
+        raise
+    return binds
+
+
 async def serve(
     config: Config,
     *,
@@ -129,11 +160,11 @@ async def serve(
         )
         async with trio.open_nursery() as nursery:
             listen = partial(hypercorn_serve, shutdown_trigger=stop_listeners.wait)
-            ext_binds = await nursery.start(
-                listen, external, settings(config.host, config.external_port)
+            ext_binds = await _start_listener(
+                nursery, listen, external, settings, config, "ASYA_MESH_EXTERNAL_PORT"
             )
-            int_binds = await nursery.start(
-                listen, internal, settings(config.host, config.internal_port)
+            int_binds = await _start_listener(
+                nursery, listen, internal, settings, config, "ASYA_MESH_INTERNAL_PORT"
             )
             bound = Bound(_port(ext_binds), _port(int_binds), mesh)
             if mesh.gateway_url is None:

@@ -10,53 +10,59 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
+from importlib.metadata import version
 from typing import NoReturn
 
 import trio
 
 from ._errors import StartupError
 from ._server import serve_state_proxy
-from ._settings import Settings, SettingsError
+from ._settings import SETTINGS, Settings, SettingsError
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
+PROG = "asya-state-proxy"
+PACKAGE = "asya-mesh-api"  # the distribution that installs this command
 _SETTING_VARIABLES = {"socket": "CONNECTOR_SOCKET", "pg_url": "STATE_PROXY_PG_URL"}
-_DESCRIPTION = """\
-Serve the Asya state-proxy protocol (HTTP/1.1 over a Unix socket) backed by PostgreSQL.
+_DESCRIPTION = (
+    "Serve the Asya state-proxy protocol (HTTP/1.1 over a Unix socket) backed by PostgreSQL."
+)
 
-environment:
-  CONNECTOR_SOCKET        Unix socket path to serve (required)
-  STATE_PROXY_PG_URL      PostgreSQL URL, e.g. postgresql://user@host:5432/db (required)
-  STATE_PROXY_PG_INDEXES  comma-separated value fields to index, e.g. status,deadline_at
-  ASYA_LOG_LEVEL          debug, info (default), warning, error
-  ASYA_STATE_PROXY_GRACE  seconds to drain on SIGTERM (default 10)
-"""
+
+def settings_help() -> str:
+    """The `--help` text of the settings, generated from `SETTINGS`."""
+    lines = ["settings (environment variables only):"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.env} ({setting.shown_default})")
+        lines.append(f"      {setting.meaning}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the state proxy; exits with 0 after a signal, 1 if it cannot start, 2 on bad settings."""
     parser = argparse.ArgumentParser(
-        prog="asya-state-proxy",
+        prog=PROG,
         description=_DESCRIPTION,
+        epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version(PACKAGE)}")
     parser.parse_args(argv)
     try:
-        level = _log_level(os.environ.get("ASYA_LOG_LEVEL", "info"))
-        grace = _grace(os.environ.get("ASYA_STATE_PROXY_GRACE", "10"))
         settings = Settings.from_env()
     except SettingsError as exc:
         _fail(2, str(exc))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    failed = trio.run(_run, settings, grace)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    failed = trio.run(_run, settings)
     if failed is not None:
         _fail(1, f"{_SETTING_VARIABLES.get(failed.setting, failed.setting)}: {failed.message}")
 
 
-async def _run(settings: Settings, grace: float) -> StartupError | None:
+async def _run(settings: Settings) -> StartupError | None:
     """Serve until signalled; returns why the proxy could not start, if it could not."""
     first_signal = trio.Event()
     failed: list[StartupError] = []
@@ -79,7 +85,7 @@ async def _run(settings: Settings, grace: float) -> StartupError | None:
                         settings.pg_url,
                         indexes=settings.indexes,
                         shutdown_trigger=first_signal.wait,
-                        grace_period=grace,
+                        grace_period=settings.grace,
                     )
                 except StartupError as exc:
                     failed.append(exc)
@@ -90,23 +96,6 @@ async def _run(settings: Settings, grace: float) -> StartupError | None:
     return failed[0] if failed else None
 
 
-def _log_level(text: str) -> int:
-    level = logging.getLevelNamesMapping().get(text.strip().upper())
-    if level is None:
-        raise SettingsError(f"ASYA_LOG_LEVEL is invalid: {text!r} (want debug, info, warning...)")
-    return level
-
-
-def _grace(text: str) -> float:
-    try:
-        value = float(text.strip().removesuffix("s"))
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise SettingsError(f"ASYA_STATE_PROXY_GRACE is invalid: {text!r} (want seconds >= 0)")
-    return value
-
-
 def _fail(status: int, line: str) -> NoReturn:
-    print(f"asya-state-proxy: {line}", file=sys.stderr)
+    print(f"{PROG}: {line}", file=sys.stderr)
     sys.exit(status)

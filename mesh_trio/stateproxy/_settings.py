@@ -1,16 +1,20 @@
 # Configuration of the state proxy, read once from the environment.
 #
-# `Settings.from_env` is the only reader of `CONNECTOR_SOCKET`, `STATE_PROXY_PG_URL` and
-# `STATE_PROXY_PG_INDEXES`; any problem raises `SettingsError` whose message is one line that
-# starts with the variable's name, which the CLI prints as is. The field-name rule shared by
+# `SETTINGS` is the one list of what the proxy reads: each `Setting` names its variable, its
+# default (None: required), a one-line meaning and its parser; the CLI's `--help` is generated
+# from it. `Settings.from_env` walks it and is the only reader of these variables; any problem
+# raises `SettingsError` whose message is one line that starts with the variable's name, which
+# the CLI prints as is. The field-name rule shared by
 # index specs and query filters is the protocol's (`mesh_proto.is_field_name`), so there is
 # exactly one definition of a safe field name.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
 
 import attrs
 import psycopg
@@ -72,6 +76,103 @@ def check_pg_url(url: str) -> None:
         raise ValueError(str(exc).strip().splitlines()[0]) from None
 
 
+def parse_pg_url(text: str) -> str:
+    """`text` once `check_pg_url` accepts it."""
+    check_pg_url(text)
+    return text
+
+
+def parse_log_level(text: str) -> int:
+    """The `logging` level named by `text` (`debug`, `info`, ...; any case).
+
+    Raises:
+        ValueError: not a level name.
+    """
+    level = logging.getLevelNamesMapping().get(text.upper())
+    if level is None:
+        raise ValueError(f"{text!r} (want debug, info, warning...)")
+    return level
+
+
+def parse_grace(text: str) -> float:
+    """Seconds from `"10"` or `"10s"`.
+
+    Raises:
+        ValueError: not a number of seconds >= 0.
+    """
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{text!r} (want seconds >= 0)")
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class Setting:
+    """One environment variable: the `Settings` field it fills, its default and its meaning.
+
+    `default` is text parsed like a value from the environment; None means required, and
+    `missing` then says what to give.
+    """
+
+    env: str
+    field: str
+    default: str | None
+    meaning: str
+    parse: Callable[[str], Any]
+    missing: str = ""
+
+    @property
+    def shown_default(self) -> str:
+        """How the default reads in `--help`: `required`, `default: ""`, `default: info`."""
+        if self.default is None:
+            return "required"
+        return f"default: {self.default}" if self.default else 'default: ""'
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting(
+        env="CONNECTOR_SOCKET",
+        field="socket_path",
+        default=None,
+        meaning="Unix socket path to serve",
+        parse=str,
+        missing="give the Unix socket path to serve",
+    ),
+    Setting(
+        env="STATE_PROXY_PG_URL",
+        field="pg_url",
+        default=None,
+        meaning="PostgreSQL URL, e.g. postgresql://user@host:5432/db",
+        parse=parse_pg_url,
+        missing="give a PostgreSQL URL such as postgresql://user@host:5432/dbname",
+    ),
+    Setting(
+        env="STATE_PROXY_PG_INDEXES",
+        field="indexes",
+        default="",
+        meaning="comma-separated value fields to index, e.g. status,deadline_at",
+        parse=parse_index_spec,
+    ),
+    Setting(
+        env="ASYA_LOG_LEVEL",
+        field="log_level",
+        default="info",
+        meaning="debug, info, warning or error",
+        parse=parse_log_level,
+    ),
+    Setting(
+        env="ASYA_STATE_PROXY_GRACE",
+        field="grace",
+        default="10",
+        meaning="seconds in-flight requests may finish after SIGINT/SIGTERM",
+        parse=parse_grace,
+    ),
+)
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """What the `asya-state-proxy` process needs to run."""
@@ -79,30 +180,24 @@ class Settings:
     socket_path: str
     pg_url: str
     indexes: tuple[str, ...] = ()
+    log_level: int = logging.INFO
+    grace: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from `environ` (default: the process environment).
+        """Read every setting of `SETTINGS` from `environ` (default: the process environment).
 
         Raises:
             SettingsError: a required variable is missing or empty, or a value is invalid.
         """
         env = os.environ if environ is None else environ
-        socket_path = env.get("CONNECTOR_SOCKET", "").strip()
-        if not socket_path:
-            raise SettingsError("CONNECTOR_SOCKET is not set: give the Unix socket path to serve")
-        pg_url = env.get("STATE_PROXY_PG_URL", "").strip()
-        if not pg_url:
-            raise SettingsError(
-                "STATE_PROXY_PG_URL is not set: give a PostgreSQL URL such as "
-                "postgresql://user@host:5432/dbname"
-            )
-        try:
-            check_pg_url(pg_url)
-        except ValueError as exc:
-            raise SettingsError(f"STATE_PROXY_PG_URL is invalid: {exc}") from None
-        try:
-            indexes = parse_index_spec(env.get("STATE_PROXY_PG_INDEXES", ""))
-        except ValueError as exc:
-            raise SettingsError(f"STATE_PROXY_PG_INDEXES is invalid: {exc}") from None
-        return cls(socket_path=socket_path, pg_url=pg_url, indexes=indexes)
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            text = env.get(setting.env, "").strip() or setting.default
+            if text is None:
+                raise SettingsError(f"{setting.env} is not set: {setting.missing}")
+            try:
+                values[setting.field] = setting.parse(text)
+            except ValueError as exc:
+                raise SettingsError(f"{setting.env} is invalid: {exc}") from None
+        return cls(**values)
