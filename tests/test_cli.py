@@ -142,6 +142,30 @@ def test_bad_setting_is_one_line_and_exit_2() -> None:
     assert done.stderr.count("\n") == 1
 
 
+def test_sqs_without_credentials_is_one_line_and_exit_2() -> None:
+    settings = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    done = subprocess.run(
+        MESH,
+        env={
+            **{k: v for k, v in environment().items() if k not in settings},
+            "ASYA_QUEUE_TRANSPORT": "sqs",
+            "ASYA_SQS_REGION": "us-east-1",
+            "ASYA_INTERNAL_URL": "http://mesh-api.test:8081",
+            "ASYA_MESH_EXTERNAL_PORT": "0",
+            "ASYA_MESH_INTERNAL_PORT": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "asya-mesh-api: configuration error: AWS_ACCESS_KEY_ID is not set"
+        " (SQS requests must be signed)"
+    )
+
+
 async def test_unreachable_state_proxy_warns_and_the_server_still_answers(
     tmp_path: Path,
 ) -> None:

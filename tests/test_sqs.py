@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from mesh_trio._config import ConfigError
 from mesh_trio.transports import ActorNotFound, DispatchUnavailable
 from mesh_trio.transports._sqs import (
     Credentials,
@@ -203,11 +204,11 @@ async def test_credentials_come_from_the_standard_env_vars(monkeypatch: pytest.M
         assert sqs.credentials.session_token is None  # explicit keys never mix with the env
 
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY"):
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
         async with open_sqs_dispatcher("eu-central-1"):
             pass
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID"):
+    with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
         async with open_sqs_dispatcher("eu-central-1"):
             pass
 

@@ -133,16 +133,18 @@ class Credentials:
         """Read `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
 
         Raises:
-            ValueError: The access key id or the secret key is missing or empty; the message
-                names the variable.
+            ConfigError: The access key id or the secret key is missing or empty; the message
+                names the variable (the CLI prints it as one line).
         """
+        from .._config import ConfigError
+
         env = os.environ if environ is None else environ
         access_key = env.get("AWS_ACCESS_KEY_ID", "")
         secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
         if not access_key:
-            raise ValueError("AWS_ACCESS_KEY_ID is not set (SQS requests must be signed)")
+            raise ConfigError("AWS_ACCESS_KEY_ID is not set (SQS requests must be signed)")
         if not secret_key:
-            raise ValueError("AWS_SECRET_ACCESS_KEY is not set (SQS requests must be signed)")
+            raise ConfigError("AWS_SECRET_ACCESS_KEY is not set (SQS requests must be signed)")
         return cls(
             access_key=access_key,
             secret_key=secret_key,
