@@ -11,6 +11,8 @@
 #
 # Targets (`--targets`, or chosen by `--variant`):
 #   bare       bench/bare_app.py, the HTTP stack's own limit
+#   starlette  bench/starlette_app.py, the contract on Starlette + uvicorn[standard] (uvloop,
+#              httptools), in-memory: what a Python team would write instead
 #   ours       the real server, embedded memory store, memory transport
 #   proxy      the real server through `asya-state-proxy` (pinned to core 0 with the server:
 #              the mesh gets the same one core as `ours`) on PostgreSQL, in a schema of its own
@@ -18,14 +20,15 @@
 #              durable queue `asya-<ns>-bench` declared here, purged after every run
 #   T+N        target T with N envelopes stored before anything is measured (`--preload N`)
 # Variants: `default` (bare vs ours, every scenario), `proxy` (ours vs proxy), `rabbitmq` (ours
-# vs rabbitmq); `--preload N` compares the variant's subject with and without N envelopes.
+# vs rabbitmq), `starlette` (ours vs starlette, every scenario); `--preload N` compares the
+# variant's subject with and without N envelopes.
 #
 # Servers inherit this process's RLIMIT_NOFILE, raised to the hard limit here, so 5000 streams
 # fit. Ports are free ports on 127.0.0.1 picked at start; only 127.0.0.1 is contacted
 # (PostgreSQL and RabbitMQ included). Each loadgen call has a timeout and the whole run a
 # deadline (`--budget`, default 290 s). Schemas and queues made here are dropped at the end.
 #
-# Run: .venv/bin/python bench/run.py [--quick] [--variant default|proxy|rabbitmq]
+# Run: .venv/bin/python bench/run.py [--quick] [--variant default|proxy|rabbitmq|starlette]
 #      [--preload N] [--targets bare,ours] [--ours-env KEY=VALUE]
 # Writes bench/results/latest.json and bench/results/*.log (server logs); prints a markdown table.
 
@@ -66,6 +69,7 @@ VARIANTS = {
     "default": ("bare,ours", "create,events,fanout,tokens", "bare", True, "ours", 3),
     "proxy": ("ours,proxy", "create,events,status,fly", "ours", False, "proxy", 5),
     "rabbitmq": ("ours,rabbitmq", "create", "ours", False, "rabbitmq", 7),
+    "starlette": ("starlette,ours", "create,events,fanout,tokens", "starlette", True, "ours", 3),
 }
 PRELOAD_SCENARIOS = "create,events,status,fly,get,list"
 # Runs per step with --preload: the memory store's preload (through the API) takes ~90 s of the
@@ -320,6 +324,13 @@ def bare_spec() -> ServerSpec:
     return ServerSpec("bare", [*argv, "--external-port={external}", "--internal-port={internal}"])
 
 
+def starlette_spec() -> ServerSpec:
+    argv = [PYTHON, str(BENCH / "starlette_app.py")]
+    return ServerSpec(
+        "starlette", [*argv, "--external-port={external}", "--internal-port={internal}"]
+    )
+
+
 def ours_spec(name: str, args: argparse.Namespace, env: dict[str, str]) -> ServerSpec:
     extra = dict(item.split("=", 1) for item in args.ours_env)
     return ServerSpec(
@@ -348,6 +359,8 @@ def target(
     with ExitStack() as stack:
         if base == "bare":
             server = stack.enter_context(running(bare_spec(), log))
+        elif base == "starlette":
+            server = stack.enter_context(running(starlette_spec(), log))
         elif base == "ours":
             server = stack.enter_context(running(ours_spec(name, args, {}), log))
         elif base == "proxy":
