@@ -24,6 +24,7 @@ import trio
 from mesh_proto import ServiceError
 
 from ._config import SETTINGS, Config, ConfigError, Setting, StartupError, root_cause
+from ._observability import configure_logging
 from ._server import serve
 
 PROG = "asya-mesh-api"
@@ -106,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(2, f"configuration error: {exc}")
     tune_gc()
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level.upper(), config.log_format)
     try:
         trio.run(_run, config)
     except Exception as exc:

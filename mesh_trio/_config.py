@@ -50,6 +50,7 @@ _UNITS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m":
 _DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _NAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
 
 
 def parse_duration(text: str) -> float:
@@ -323,6 +324,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         meaning="`debug`, `info`, `warning` or `error`; `debug` adds one line per request",
         parse=_choice(lambda: LOG_LEVELS),
     ),
+    Setting(
+        env="ASYA_LOG_FORMAT",
+        field="log_format",
+        default="text",
+        meaning="`text`, or `json`: one JSON object per line (docs/operations.md)",
+        parse=_choice(lambda: LOG_FORMATS),
+    ),
 )
 
 
@@ -344,6 +352,7 @@ class Config:
     backstop_interval: float = 5.0
     sse_keepalive: float = 15.0
     log_level: str = "info"
+    log_format: str = "text"
     compat: bool = False
     cors_origins: tuple[str, ...] = ()
     demo_actors: bool = True

@@ -46,6 +46,7 @@ from mesh_proto import (
 )
 
 from ._broadcast import Broadcaster
+from ._observability import Tracing, traceparent_of
 from ._store import Store
 from .transports import ActorNotFound, Dispatcher, DispatchUnavailable
 
@@ -111,6 +112,8 @@ class Mesh:
     gateway_url: str | None = None
     keepalive: float = 15.0
     tracing: bool = False
+    # OpenTelemetry spans (`_observability.open_tracing`); None: no span work at all.
+    otel: Tracing | None = None
     clock: Callable[[], datetime] = utcnow
     live: LiveCache = attrs.field(factory=LiveCache)
 
@@ -120,7 +123,9 @@ class Mesh:
         """Validate, store and dispatch a new envelope; returns its id.
 
         With tracing on, the envelope's headers get a W3C `traceparent` that joins the caller's
-        trace (`traceparent`, the request's header) or starts one.
+        trace (`traceparent`, the request's header) or starts one. With OpenTelemetry on
+        (`otel`), the create is a `mesh.create` span (joining that trace), its dispatch a
+        `mesh.dispatch` span, and the stamped `traceparent` is the create span's.
 
         Raises:
             ClientError: bad input (nothing stored); `NotFound("actor not found")` when the
@@ -128,19 +133,34 @@ class Mesh:
             ServiceError: store or broker unavailable (a stored record is marked `failed`).
         """
         request = CreateRequest.parse(query, body)
+        envelope_id = str(uuid.uuid4())
+        if self.otel is None:
+            stamped = traceparent_for(traceparent, os.urandom(24)) if self.tracing else None
+            return await self._create(request, envelope_id, stamped)
+        with self.otel.span("mesh.create", envelope_id, traceparent=traceparent) as span:
+            return await self._create(request, envelope_id, traceparent_of(span))
+
+    async def _create(
+        self, request: CreateRequest, envelope_id: str, traceparent: str | None
+    ) -> str:
         envelope = Envelope.new(
             request,
-            envelope_id=str(uuid.uuid4()),
+            envelope_id=envelope_id,
             now=self.clock(),
             gateway_url=self.gateway_url,
-            traceparent=traceparent_for(traceparent, os.urandom(24)) if self.tracing else None,
+            traceparent=traceparent,
         )
         queue = queue_name(request.namespace or self.namespace, request.actor)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CREATE_GRACE
             await self.store.create(envelope)
             try:
-                await self.dispatcher.send(queue, envelope.wire_message())
+                if self.otel is None:
+                    await self.dispatcher.send(queue, envelope.wire_message())
+                else:
+                    with self.otel.span("mesh.dispatch", envelope_id) as span:
+                        span.set_attribute("messaging.destination.name", queue)
+                        await self.dispatcher.send(queue, envelope.wire_message())
             except ActorNotFound:
                 await self.store.delete(envelope.id)
                 raise NotFound("actor not found") from None
@@ -189,7 +209,16 @@ class Mesh:
         await self.broadcaster.publish(envelope_id, Published.fly(data))
 
     async def apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
-        """Apply a status event (store, then publish what changed); `NotFound` for no such id."""
+        """Apply a status event (store, then publish what changed); `NotFound` for no such id.
+
+        With OpenTelemetry on, a `mesh.status` span."""
+        if self.otel is None:
+            return await self._apply(envelope_id, event)
+        with self.otel.span("mesh.status", envelope_id) as span:
+            span.set_attribute("mesh.status", str(event.status))
+            return await self._apply(envelope_id, event)
+
+    async def _apply(self, envelope_id: str, event: StatusEvent) -> Outcome:
         outcome = await self.store.update(envelope_id, event, self.clock())
         if outcome is None:
             raise NotFound("envelope not found")

@@ -9,12 +9,14 @@ Shutdown is an ordered drain, triggered by `shutdown_trigger` returning:
 
 1. the broadcaster closes: every open SSE stream sends what it has pending and ends cleanly;
 2. the listeners stop accepting; in-flight requests get `graceful_timeout` to finish;
-3. background tasks are cancelled; then the dispatcher and the store close, last.
+3. background tasks are cancelled; then the dispatcher and the store close; last, the
+   OpenTelemetry exporter (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set) flushes and stops.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +35,7 @@ from ._demo import run_demo_actors
 from ._extension import Extensions
 from ._hub import Hub
 from ._mesh import Mesh
+from ._observability import TracedStore, open_tracing
 from ._store import Store, open_embedded_store
 from ._web import InternalApp, external_app
 from .transports import MemoryQueues, open_transport
@@ -135,7 +138,11 @@ async def serve(
             "ASYA_INTERNAL_URL: required with a real queue transport (sidecars post events there)"
         )
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store(config))
+        # Entered first, so it is left last: spans of the drain are still exported.
+        otel = await stack.enter_async_context(open_tracing(os.environ))
+        store: Store = await stack.enter_async_context(open_store(config))
+        if otel is not None:
+            store = TracedStore(store, otel)
         dispatcher = await stack.enter_async_context(open_transport(config))
         broadcaster = await stack.enter_async_context(open_broadcaster(config))
         mesh = Mesh(
@@ -146,6 +153,7 @@ async def serve(
             gateway_url=config.internal_url,
             keepalive=config.sse_keepalive,
             tracing=config.tracing,
+            otel=otel,
         )
         router = config.router
         # Extension modules (mesh_compat with ASYA_MESH_COMPAT=1) are imported by name only here.

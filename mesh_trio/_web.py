@@ -39,6 +39,7 @@ from mesh_proto import (
 from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
 from ._extension import ExtensionReply, ExtensionRequest, Extensions
 from ._mesh import Mesh
+from ._observability import REQUEST_ID_HEADER, new_request_id, request_id, request_id_in
 
 log = logging.getLogger("mesh_trio.http")
 
@@ -107,6 +108,16 @@ def external_app(
         if exc.code == 413:
             return error_response(PayloadTooLarge(f"body larger than {MAX_BODY} bytes"))
         return error_response(ClientError(exc.name.lower(), status_hint=exc.code or 400))
+
+    @app.before_request
+    async def take_request_id() -> None:
+        request_id.set(new_request_id(request.headers.get(REQUEST_ID_HEADER)))
+
+    @app.after_request
+    async def echo_request_id(response: Response) -> Response:
+        # Error replies pass here too (quart finalizes them like any response).
+        response.headers[REQUEST_ID_HEADER] = request_id.get() or new_request_id()
+        return response
 
     @app.after_request
     async def cors(response: Response) -> Response:
@@ -184,12 +195,20 @@ def external_app(
             exc.headers = (*routes.error_headers(Role.EXTERNAL, request.path), *exc.headers)
             raise
         if log.isEnabledFor(logging.DEBUG):
+            ms = round((time.perf_counter() - started) * 1000, 1)
             log.debug(
                 "request port=external method=%s path=%s status=%d ms=%.1f",
                 request.method,
                 request.path,
                 response.status_code,
-                (time.perf_counter() - started) * 1000,
+                ms,
+                extra={
+                    "port": "external",
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "ms": ms,
+                },
             )
         return response
 
@@ -232,6 +251,9 @@ class InternalApp:
         if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
             return
         started = time.perf_counter()
+        # Each request is its own task (hypercorn), so the variable needs no reset.
+        rid = request_id_in(scope["headers"])
+        request_id.set(rid)
         headers: Iterable[tuple[str, str]] = ()
         try:
             route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
@@ -249,14 +271,22 @@ class InternalApp:
             log_error(exc)
             status, payload = exc.status_hint, exc.body()
             headers = (*self.routes.error_headers(Role.INTERNAL, scope["path"]), *exc.headers)
-        await send_response(send, status, payload, headers)
+        await send_response(send, status, payload, (*headers, (REQUEST_ID_HEADER, rid)))
         if log.isEnabledFor(logging.DEBUG):
+            ms = round((time.perf_counter() - started) * 1000, 1)
             log.debug(
                 "request port=internal method=%s path=%s status=%d ms=%.1f",
                 scope["method"],
                 scope["path"],
                 status,
-                (time.perf_counter() - started) * 1000,
+                ms,
+                extra={
+                    "port": "internal",
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": ms,
+                },
             )
 
     async def _extension(

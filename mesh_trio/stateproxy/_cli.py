@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import trio
 
+from .._observability import configure_logging
 from ._errors import StartupError
 from ._server import serve_state_proxy
 from ._settings import SETTINGS, Settings, SettingsError
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         _fail(2, str(exc))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     failed = trio.run(_run, settings)
     if failed is not None:
         _fail(1, f"{_SETTING_VARIABLES.get(failed.setting, failed.setting)}: {failed.message}")

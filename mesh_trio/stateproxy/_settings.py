@@ -94,6 +94,17 @@ def parse_log_level(text: str) -> int:
     return level
 
 
+def parse_log_format(text: str) -> str:
+    """`text` or `json` (any case).
+
+    Raises:
+        ValueError: neither.
+    """
+    if text.lower() not in ("text", "json"):
+        raise ValueError(f"{text!r} (want text or json)")
+    return text.lower()
+
+
 def parse_grace(text: str) -> float:
     """Seconds from `"10"` or `"10s"`.
 
@@ -164,6 +175,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         parse=parse_log_level,
     ),
     Setting(
+        env="ASYA_LOG_FORMAT",
+        field="log_format",
+        default="text",
+        meaning="text, or json: one JSON object per line",
+        parse=parse_log_format,
+    ),
+    Setting(
         env="ASYA_STATE_PROXY_GRACE",
         field="grace",
         default="10",
@@ -181,6 +199,7 @@ class Settings:
     pg_url: str
     indexes: tuple[str, ...] = ()
     log_level: int = logging.INFO
+    log_format: str = "text"
     grace: float = 10.0
 
     @classmethod
