@@ -259,7 +259,8 @@ def apps(prefix: str, keepalive: float) -> tuple[Starlette, Starlette]:
                 raise bad("envelope not found", 404)
             mesh.publish(envelope_id, None, frame("fly", event.get("data")), False)
             return Response(status_code=204)
-        status = ALIASES.get(event.get("status"), event.get("status"))
+        status = event.get("status")
+        status = ALIASES.get(status, status) if isinstance(status, str) else None
         data = event.get("data") or {}
         if status not in RANK or not isinstance(data, dict):
             raise bad("invalid status event")
