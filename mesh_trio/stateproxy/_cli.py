@@ -26,7 +26,11 @@ logger = logging.getLogger("mesh_trio.stateproxy")
 
 PROG = "asya-state-proxy"
 PACKAGE = "asya-mesh-api"  # the distribution that installs this command
-_SETTING_VARIABLES = {"socket": "CONNECTOR_SOCKET", "pg_url": "STATE_PROXY_PG_URL"}
+_SETTING_VARIABLES = {
+    "socket": "CONNECTOR_SOCKET",
+    "pg_url": "STATE_PROXY_PG_URL",
+    "metrics_port": "STATE_PROXY_METRICS_PORT",
+}
 _DESCRIPTION = (
     "Serve the Asya state-proxy protocol (HTTP/1.1 over a Unix socket) backed by PostgreSQL."
 )
@@ -85,6 +89,7 @@ async def _run(settings: Settings) -> StartupError | None:
                         indexes=settings.indexes,
                         shutdown_trigger=first_signal.wait,
                         grace_period=settings.grace,
+                        metrics_port=settings.metrics_port,
                     )
                 except StartupError as exc:
                     failed.append(exc)

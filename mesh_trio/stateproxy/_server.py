@@ -1,10 +1,11 @@
 # The state proxy: the routes of docs/stateproxy.md on the HTTP server, over the kv store.
 #
 # `serve_state_proxy` owns everything and in this order: the PostgreSQL pool, the schema (made
-# before anything listens), the Unix socket (a stale socket file is removed, a live one is left
-# alone), then the HTTP server. It reports `started` once requests can be served and runs until
-# cancelled; with a `shutdown_trigger` it drains instead (stop accepting, finish requests in
-# flight for up to `grace_period`, close idle connections), then closes the socket and the pool.
+# before anything listens), the metrics port if one is set (`_metrics.py`), the Unix socket (a
+# stale socket file is removed, a live one is left alone), then the HTTP server. It reports
+# `started` once requests can be served and runs until cancelled; with a `shutdown_trigger` it
+# drains instead (stop accepting, finish requests in flight for up to `grace_period`, close idle
+# connections), then closes the socket and the pool.
 #
 # `Router.handle` maps a request to a store operation. Everything the client must agree on is
 # mesh_proto's wire protocol, shared with the client side: the key is the rest of the path after
@@ -23,6 +24,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -40,6 +42,7 @@ from mesh_proto import (
 
 from ._errors import Conflict, StartupError, StoreUnavailable
 from ._http import HttpServer, Request, Response
+from ._metrics import ProxyMetrics, serve_metrics
 from ._pg import PgPool
 from ._query import compile_query
 from ._settings import check_indexes, check_pg_url
@@ -75,9 +78,19 @@ class Router:
     """Answers the state-proxy protocol over a `KvStore`."""
 
     store: KvStore
+    metrics: ProxyMetrics | None = None
 
     async def handle(self, request: Request) -> Response:
-        """Answer one request; never raises for anything the client or PostgreSQL did."""
+        """Answer one request (counted in `metrics`, if any); never raises for anything the
+        client or PostgreSQL did."""
+        if self.metrics is None:
+            return await self._answer(request)
+        started = time.perf_counter()
+        response = await self._answer(request)
+        self.metrics.request(request, response.status, time.perf_counter() - started)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         path, _, query = request.target.partition(b"?")
         method = request.method
         try:
@@ -161,6 +174,7 @@ async def serve_state_proxy(
     max_body: int = MAX_BODY,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     grace_period: float = 10.0,
+    metrics_port: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the state-proxy protocol on `socket_path`, backed by PostgreSQL at `pg_url`.
@@ -181,12 +195,15 @@ async def serve_state_proxy(
         max_body: largest request body in bytes; larger ones are answered 413.
         shutdown_trigger: awaited after start; when it returns the proxy drains and stops.
         grace_period: longest drain, in seconds.
+        metrics_port: TCP port (all interfaces) answering ``GET /metrics`` in the Prometheus
+            text format (docs/operations.md); None: no metrics, and no cost per request.
         task_status: for ``nursery.start``.
 
     Raises:
         ValueError: an index field name is invalid, or `pg_url` cannot be parsed.
-        StartupError: PostgreSQL cannot be used (``setting == "pg_url"``) or the socket cannot
-            be served (``setting == "socket"``).
+        StartupError: PostgreSQL cannot be used (``setting == "pg_url"``), the socket cannot
+            be served (``setting == "socket"``) or the metrics port cannot be bound
+            (``setting == "metrics_port"``).
     """
     fields = check_indexes(indexes)
     check_pg_url(pg_url)
@@ -197,7 +214,14 @@ async def serve_state_proxy(
         statement_timeout=pg_timeout,
     )
     await _serve(
-        socket_path, pool, fields, shutdown_trigger, grace_period, task_status, max_body=max_body
+        socket_path,
+        pool,
+        fields,
+        shutdown_trigger,
+        grace_period,
+        task_status,
+        max_body=max_body,
+        metrics_port=metrics_port,
     )
 
 
@@ -210,6 +234,7 @@ async def _serve(
     task_status: trio.TaskStatus[None],
     *,
     max_body: int = MAX_BODY,
+    metrics_port: int | None = None,
 ) -> None:
     """`serve_state_proxy` over any `Database` (the benchmark plugs in other drivers)."""
     where = db.describe() if isinstance(db, PgPool) else type(db).__name__
@@ -219,11 +244,25 @@ async def _serve(
             await store.ensure_schema(indexes)
         except StoreUnavailable as exc:
             raise StartupError("pg_url", f"cannot use PostgreSQL at {where}: {exc}") from None
-        listener, inode = await _listen(socket_path)
-        server = HttpServer(Router(store).handle, max_body)
+        metrics = (
+            None if metrics_port is None else ProxyMetrics(db if isinstance(db, PgPool) else None)
+        )
+        # Bound before the nursery opens, so that a failure is a plain `StartupError`.
+        metrics_listeners = [] if metrics_port is None else await _listen_tcp(metrics_port)
+        try:
+            listener, inode = await _listen(socket_path)
+        except StartupError:
+            for each in metrics_listeners:
+                await each.aclose()
+            raise
+        server = HttpServer(Router(store, metrics).handle, max_body)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listener)
+                if metrics is not None:
+                    metrics.servers.append(server)
+                    await nursery.start(serve_metrics, metrics, metrics_listeners)
+                    logger.info("asya-state-proxy metrics on port %s", metrics_port)
                 logger.info(
                     "asya-state-proxy listening on %s (PostgreSQL %s, indexes: %s)",
                     socket_path,
@@ -262,6 +301,16 @@ async def _listen(path: str) -> tuple[trio.SocketListener, int]:
         sock.close()
         raise StartupError("socket", f"cannot listen on {path}: {exc.strerror or exc}") from None
     return trio.SocketListener(sock), inode
+
+
+async def _listen_tcp(port: int) -> list[trio.SocketListener]:
+    """Listen on `port` of every interface (the metrics port)."""
+    try:
+        return await trio.open_tcp_listeners(port)
+    except OSError as exc:
+        raise StartupError(
+            "metrics_port", f"cannot listen on port {port}: {exc.strerror or exc}"
+        ) from None
 
 
 def _remove_stale_socket(path: str) -> None:

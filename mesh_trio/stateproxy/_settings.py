@@ -105,6 +105,19 @@ def parse_log_format(text: str) -> str:
     return text.lower()
 
 
+def parse_port(text: str) -> int | None:
+    """A TCP port from `"9102"`; None for `""` (unset).
+
+    Raises:
+        ValueError: not a port number (0 to 65535).
+    """
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{text!r} (want a port number)")
+    return int(text)
+
+
 def parse_grace(text: str) -> float:
     """Seconds from `"10"` or `"10s"`.
 
@@ -188,6 +201,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         meaning="seconds in-flight requests may finish after SIGINT/SIGTERM",
         parse=parse_grace,
     ),
+    Setting(
+        env="STATE_PROXY_METRICS_PORT",
+        field="metrics_port",
+        default="",
+        meaning="TCP port (all interfaces) serving Prometheus GET /metrics; unset: no metrics",
+        parse=parse_port,
+    ),
 )
 
 
@@ -201,6 +221,7 @@ class Settings:
     log_level: int = logging.INFO
     log_format: str = "text"
     grace: float = 10.0
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
