@@ -18,6 +18,7 @@ from ._errors import (
     StoreProtocolError,
 )
 from ._json import MAX_DEPTH, dumps, loads
+from ._openapi import OPENAPI_PATH, openapi_document
 from ._requests import (
     MAX_BODY,
     CreateRequest,
@@ -103,6 +104,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FIELD_NAME",
     "MAX_PAGE",
+    "OPENAPI_PATH",
     "OPERATORS",
     "RANK",
     "REVISION_KEY",
@@ -166,6 +168,7 @@ __all__ = [
     "is_field_name",
     "list_request",
     "loads",
+    "openapi_document",
     "parse_event",
     "parse_id",
     "parse_query",

@@ -17,6 +17,7 @@ of its paths, errors included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,13 +28,16 @@ from werkzeug.exceptions import HTTPException
 
 from mesh_proto import (
     MAX_BODY,
+    OPENAPI_PATH,
     ClientError,
+    MethodNotAllowed,
     Op,
     PayloadTooLarge,
     ProtocolError,
     Role,
     Route,
     dumps,
+    openapi_document,
 )
 
 from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
@@ -79,6 +83,20 @@ async def run_operation(
     raise AssertionError(f"not a plain operation: {op}")  # pragma: no cover
 
 
+def is_openapi(method: str, path: str) -> bool:
+    """Whether a request asks for the port's OpenAPI document (a bare path beside the route
+    table, answered for GET and HEAD).
+
+    Raises:
+        MethodNotAllowed: the document's path with another method.
+    """
+    if path != OPENAPI_PATH:
+        return False
+    if method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(("GET",))
+    return True
+
+
 def _cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str]:
     if origin is None or (origin not in origins and "*" not in origins):
         return {}
@@ -91,6 +109,7 @@ def external_app(
     """The client-facing app: create / list / get / cancel / SSE, health and ready, and the
     external routes of extensions."""
     router = routes.router
+    document = dumps(openapi_document(router.prefix, role=Role.EXTERNAL))
     app = QuartTrio("mesh_trio.external")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -103,10 +122,27 @@ def external_app(
     async def protocol_error(exc: ProtocolError) -> Response:
         return error_response(exc)
 
+    async def drain() -> None:
+        # A reply sent before the request body was read (an error, a DELETE with a body) can
+        # leave a kept-alive connection stalled on the unread bytes (quart-trio on hypercorn:
+        # the next request on it got no answer). So read what is left, at most MAX_BODY; a
+        # body over that is a 413 and its connection closes.
+        with contextlib.suppress(HTTPException):
+            await request.get_data(cache=False)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         if exc.code == 413:
             return error_response(PayloadTooLarge(f"body larger than {MAX_BODY} bytes"))
+        await drain()
+        if exc.code == 405:
+            # A method outside METHODS (TRACE, ...) never reaches `handle`: route it here, so
+            # the reply is the router's (404 for an unknown path, else 405 with `Allow`).
+            try:
+                is_openapi(request.method, request.path)
+                router.resolve(Role.EXTERNAL, request.method, request.path)
+            except ProtocolError as routed:
+                return error_response(routed)
         return error_response(ClientError(exc.name.lower(), status_hint=exc.code or 400))
 
     @app.before_request
@@ -163,6 +199,8 @@ def external_app(
         )
 
     async def respond() -> Response:
+        if is_openapi(request.method, request.path):
+            return Response(document, 200, content_type=JSON)
         route = router.resolve(Role.EXTERNAL, request.method, request.path)
         if not isinstance(route.op, Op):
             return await extension(route)
@@ -193,7 +231,9 @@ def external_app(
         except ProtocolError as exc:
             # On an extension's path, errors carry its headers too (`protocol_error` answers).
             exc.headers = (*routes.error_headers(Role.EXTERNAL, request.path), *exc.headers)
+            await drain()
             raise
+        await drain()
         if log.isEnabledFor(logging.DEBUG):
             ms = round((time.perf_counter() - started) * 1000, 1)
             log.debug(
@@ -243,6 +283,7 @@ class InternalApp:
         self.mesh = mesh
         self.routes = routes
         self.router = routes.router
+        self.document = dumps(openapi_document(self.router.prefix, role=Role.INTERNAL))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -256,17 +297,10 @@ class InternalApp:
         request_id.set(rid)
         headers: Iterable[tuple[str, str]] = ()
         try:
-            route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
-            if isinstance(route.op, Op):
-                status, payload = await run_operation(
-                    self.mesh,
-                    route.op,
-                    route.id,
-                    scope["query_string"],
-                    lambda: read_body(scope, receive),
-                )
+            if is_openapi(scope["method"], scope["path"]):
+                status, payload = 200, self.document
             else:
-                status, headers, payload = await self._extension(route, scope, receive)
+                status, headers, payload = await self._route(scope, receive)
         except ProtocolError as exc:
             log_error(exc)
             status, payload = exc.status_hint, exc.body()
@@ -288,6 +322,21 @@ class InternalApp:
                     "ms": ms,
                 },
             )
+
+    async def _route(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, Iterable[tuple[str, str]], bytes]:
+        route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
+        if not isinstance(route.op, Op):
+            return await self._extension(route, scope, receive)
+        status, payload = await run_operation(
+            self.mesh,
+            route.op,
+            route.id,
+            scope["query_string"],
+            lambda: read_body(scope, receive),
+        )
+        return status, (), payload
 
     async def _extension(
         self, route: Route, scope: Scope, receive: Receive
