@@ -46,6 +46,7 @@ async def run_backstop(mesh: Mesh, interval: float) -> None:
         try:
             failed = await expire_once(mesh)
         except ServiceError as exc:
+            mesh.metrics.backstop_errors.inc()
             if not failing:
                 log.warning("backstop: store unavailable, will retry: %s", exc.message)
             failing = True
@@ -54,4 +55,5 @@ async def run_backstop(mesh: Mesh, interval: float) -> None:
             log.info("backstop: store available again")
             failing = False
         if failed:
+            mesh.metrics.backstop_expired.inc(failed)
             log.info("backstop: %d envelope(s) timed out", failed)

@@ -46,6 +46,7 @@ from mesh_proto import (
 )
 
 from ._broadcast import Broadcaster
+from ._metrics import MeshMetrics
 from ._observability import Tracing, traceparent_of
 from ._store import Store
 from .transports import ActorNotFound, Dispatcher, DispatchUnavailable
@@ -116,6 +117,8 @@ class Mesh:
     otel: Tracing | None = None
     clock: Callable[[], datetime] = utcnow
     live: LiveCache = attrs.field(factory=LiveCache)
+    # Prometheus metrics of this instance (`serve()` shares them with its apps and store).
+    metrics: MeshMetrics = attrs.field(factory=MeshMetrics)
 
     async def create(
         self, query: str | bytes, body: bytes, *, traceparent: str | None = None
@@ -155,12 +158,13 @@ class Mesh:
             scope.deadline = trio.current_time() + CREATE_GRACE
             await self.store.create(envelope)
             try:
-                if self.otel is None:
-                    await self.dispatcher.send(queue, envelope.wire_message())
-                else:
-                    with self.otel.span("mesh.dispatch", envelope_id) as span:
-                        span.set_attribute("messaging.destination.name", queue)
+                with self.metrics.dispatching():
+                    if self.otel is None:
                         await self.dispatcher.send(queue, envelope.wire_message())
+                    else:
+                        with self.otel.span("mesh.dispatch", envelope_id) as span:
+                            span.set_attribute("messaging.destination.name", queue)
+                            await self.dispatcher.send(queue, envelope.wire_message())
             except ActorNotFound:
                 await self.store.delete(envelope.id)
                 raise NotFound("actor not found") from None

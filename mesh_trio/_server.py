@@ -35,6 +35,7 @@ from ._demo import run_demo_actors
 from ._extension import Extensions
 from ._hub import Hub
 from ._mesh import Mesh
+from ._metrics import MeshMetrics, MeteredStore
 from ._observability import TracedStore, open_tracing
 from ._store import Store, open_embedded_store
 from ._web import InternalApp, external_app
@@ -141,10 +142,14 @@ async def serve(
         # Entered first, so it is left last: spans of the drain are still exported.
         otel = await stack.enter_async_context(open_tracing(os.environ))
         store: Store = await stack.enter_async_context(open_store(config))
+        metrics = MeshMetrics()
+        metrics.watch_store(store)
+        store = MeteredStore(store, metrics)
         if otel is not None:
             store = TracedStore(store, otel)
         dispatcher = await stack.enter_async_context(open_transport(config))
         broadcaster = await stack.enter_async_context(open_broadcaster(config))
+        metrics.watch_broadcaster(broadcaster)
         mesh = Mesh(
             store=store,
             dispatcher=dispatcher,
@@ -154,6 +159,7 @@ async def serve(
             keepalive=config.sse_keepalive,
             tracing=config.tracing,
             otel=otel,
+            metrics=metrics,
         )
         router = config.router
         # Extension modules (mesh_compat with ASYA_MESH_COMPAT=1) are imported by name only here.

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -43,6 +43,7 @@ from mesh_proto import (
 from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
 from ._extension import ExtensionReply, ExtensionRequest, Extensions
 from ._mesh import Mesh
+from ._metrics import CONTENT_TYPE, NO_OP, is_metrics, route_label
 from ._observability import REQUEST_ID_HEADER, new_request_id, request_id, request_id_in
 
 log = logging.getLogger("mesh_trio.http")
@@ -153,6 +154,19 @@ def external_app(
     async def echo_request_id(response: Response) -> Response:
         # Error replies pass here too (quart finalizes them like any response).
         response.headers[REQUEST_ID_HEADER] = request_id.get() or new_request_id()
+        return response
+
+    @app.before_request
+    async def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        # Error replies pass here too; `started` is missing only if quart failed before
+        # `before_request` ran.
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        op = route_label(router, Role.EXTERNAL, request.method, request.path)
+        mesh.metrics.request("external", op, response.status_code, seconds)
         return response
 
     @app.after_request
@@ -299,6 +313,11 @@ class InternalApp:
         try:
             if is_openapi(scope["method"], scope["path"]):
                 status, payload = 200, self.document
+                scope["mesh.op"] = "openapi"
+            elif is_metrics(scope["method"], scope["path"]):
+                # Answered apart (its own content type); scrapes are not counted.
+                await self._send_metrics(send, rid)
+                return
             else:
                 status, headers, payload = await self._route(scope, receive)
         except ProtocolError as exc:
@@ -306,6 +325,8 @@ class InternalApp:
             status, payload = exc.status_hint, exc.body()
             headers = (*self.routes.error_headers(Role.INTERNAL, scope["path"]), *exc.headers)
         await send_response(send, status, payload, (*headers, (REQUEST_ID_HEADER, rid)))
+        op = scope.get("mesh.op", NO_OP)
+        self.mesh.metrics.request("internal", op, status, time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
             ms = round((time.perf_counter() - started) * 1000, 1)
             log.debug(
@@ -327,6 +348,7 @@ class InternalApp:
         self, scope: Scope, receive: Receive
     ) -> tuple[int, Iterable[tuple[str, str]], bytes]:
         route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
+        scope["mesh.op"] = str(route.op.value)  # the `op` label of the request's metrics
         if not isinstance(route.op, Op):
             return await self._extension(route, scope, receive)
         status, payload = await run_operation(
@@ -337,6 +359,16 @@ class InternalApp:
             lambda: read_body(scope, receive),
         )
         return status, (), payload
+
+    async def _send_metrics(self, send: Send, rid: str) -> None:
+        payload = self.mesh.metrics.render()
+        headers = [
+            (b"content-type", CONTENT_TYPE.encode()),
+            (b"content-length", str(len(payload)).encode()),
+            (REQUEST_ID_HEADER.lower().encode(), rid.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _extension(
         self, route: Route, scope: Scope, receive: Receive

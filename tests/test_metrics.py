@@ -1,5 +1,5 @@
-"""Prometheus metrics: the state proxy's own metrics port, read over real sockets and parsed with
-prometheus-client."""
+"""Prometheus metrics: `/metrics` on the mesh API's internal port (not the external one), and the
+state proxy's own metrics port, read over real sockets and parsed with prometheus-client."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh_proto import ServiceError
+from mesh_trio._metrics import MeshMetrics, MeteredStore
 from mesh_trio._proxy_store import open_proxy_store
 from mesh_trio.stateproxy import serve_state_proxy
 from mesh_trio.stateproxy._errors import StartupError
 from mesh_trio.stateproxy._settings import Settings, SettingsError
-from tests.harness import http
+from mesh_trio.transports import ActorNotFound, DispatchUnavailable
+from tests.harness import WAIT, MeshClient, http, start_mesh
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -44,6 +47,114 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("", 0))
         return int(probe.getsockname()[1])
+
+
+async def test_the_internal_port_counts_an_envelope_lifecycle(nursery: trio.Nursery) -> None:
+    mesh = await start_mesh(nursery)
+    envelope_id = await mesh.create("worker", {"payload": {}})
+    stream = await mesh.sse(envelope_id)
+    assert (await mesh.status(envelope_id, "running")).status == 204
+    assert (await mesh.fly(envelope_id, {"token": "hi"})).status == 204
+    during = await scrape(mesh.int_port)
+    assert value(during, "asya_mesh_sse_streams") == 1
+    assert (await mesh.status(envelope_id, "succeeded", {"result": 1})).status == 204
+    await stream.wait_end()
+    assert (await http(mesh.int_port, "GET", "/nope")).status == 404
+    assert (await http(mesh.ext_port, "GET", "/nope")).status == 404
+
+    samples = await scrape(mesh.int_port)
+    requests = "asya_mesh_requests_total"
+    assert value(samples, requests, port="external", op="create", status="201") == 1
+    assert value(samples, requests, port="external", op="stream", status="200") == 1
+    assert value(samples, requests, port="internal", op="publish", status="204") == 3
+    assert value(samples, requests, port="internal", op="none", status="404") == 1
+    assert value(samples, requests, port="external", op="none", status="404") == 1
+    # Scrapes are not counted.
+    assert not [key for key in samples if key[0] == requests and ("op", "metrics") in key[1]]
+    latency = "asya_mesh_request_duration_seconds_count"
+    assert value(samples, latency, port="internal", op="publish") == 3
+    assert value(samples, "asya_mesh_request_duration_seconds_sum", port="internal", op="publish")
+    assert value(samples, "asya_mesh_creates_total") == 1
+    assert value(samples, "asya_mesh_envelopes_ended_total", status="succeeded") == 1
+    assert value(samples, "asya_mesh_dispatch_duration_seconds_count") == 1
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="create") == 1
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="update") == 2
+    assert value(samples, "asya_mesh_store_errors_total", op="update") == 0
+    # running, the FLY token, succeeded: each published once and delivered to the one stream.
+    assert value(samples, "asya_mesh_frames_published_total") == 3
+    assert value(samples, "asya_mesh_frames_delivered_total") == 3
+    assert value(samples, "asya_mesh_frames_dropped_total") == 0
+    assert value(samples, "asya_mesh_resyncs_total") == 0
+    assert value(samples, "asya_mesh_sse_streams") == 0
+
+
+async def test_the_external_port_has_no_metrics(nursery: trio.Nursery) -> None:
+    mesh = await start_mesh(nursery)
+    assert (await http(mesh.ext_port, "GET", "/metrics")).status == 404
+    refused = await http(mesh.int_port, "POST", "/metrics", b"")
+    assert (refused.status, refused.headers["allow"]) == (405, "GET")
+    assert (await http(mesh.int_port, "HEAD", "/metrics")).status == 200
+
+
+async def test_two_servers_in_one_process_count_apart(nursery: trio.Nursery) -> None:
+    first = await start_mesh(nursery)
+    second = await start_mesh(nursery)
+    await first.create("worker")
+    assert value(await scrape(first.int_port), "asya_mesh_creates_total") == 1
+    assert value(await scrape(second.int_port), "asya_mesh_creates_total") == 0
+
+
+async def test_backstop_reaps_are_counted(nursery: trio.Nursery) -> None:
+    mesh = await start_mesh(nursery, ASYA_BACKSTOP_INTERVAL="50ms")
+    envelope_id = await mesh.create("worker", {"payload": {}, "timeout": 0.2})
+    stream = await mesh.sse(envelope_id)
+    await stream.wait_end()  # failed by the backstop
+    with trio.fail_after(WAIT):
+        # The reap is counted once the backstop's round is over, just after the stream ended.
+        while value(samples := await scrape(mesh.int_port), "asya_mesh_backstop_expired_total") < 1:
+            pass
+    assert value(samples, "asya_mesh_envelopes_ended_total", status="failed") == 1
+
+
+def test_dispatch_failures_are_counted_by_reason() -> None:
+    metrics = MeshMetrics()
+    for error in (ActorNotFound("asya-default-a"), DispatchUnavailable("down")):
+        with pytest.raises(type(error)), metrics.dispatching():
+            raise error
+    with metrics.dispatching():
+        pass
+    samples = parse(metrics.render())
+    assert value(samples, "asya_mesh_dispatch_errors_total", reason="actor_not_found") == 1
+    assert value(samples, "asya_mesh_dispatch_errors_total", reason="unavailable") == 1
+    assert value(samples, "asya_mesh_dispatch_duration_seconds_count") == 3
+
+
+async def test_store_failures_are_counted_by_operation(short_dir: str) -> None:
+    metrics = MeshMetrics()
+    async with open_proxy_store(os.path.join(short_dir, "nobody.sock")) as proxy:
+        store = MeteredStore(proxy, metrics)
+        with pytest.raises(ServiceError):
+            await store.get("00000000-0000-4000-8000-000000000000")
+    samples = parse(metrics.render())
+    assert value(samples, "asya_mesh_store_errors_total", op="get") == 1
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="get") == 1
+
+
+async def test_the_state_proxy_store_reports_its_pool(mesh_via_proxy: MeshClient) -> None:
+    mesh = mesh_via_proxy
+    envelope_id = await mesh.create("worker")
+    await mesh.status(envelope_id, "running")
+    samples = await scrape(mesh.int_port)
+    assert value(samples, "asya_mesh_stateproxy_requests_total") >= 2
+    assert value(samples, "asya_mesh_stateproxy_connections") >= 1
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="update") == 1
+
+
+@pytest.fixture
+async def mesh_via_proxy(nursery: trio.Nursery, pg_url: str, short_dir: str) -> MeshClient:
+    path = os.path.join(short_dir, "proxy.sock")
+    await nursery.start(partial(serve_state_proxy, path, pg_url))
+    return await start_mesh(nursery, ASYA_STATEPROXY_SOCKET=path)
 
 
 async def test_the_state_proxy_serves_its_metrics_port(
