@@ -159,12 +159,25 @@ _OPERATIONS: Final[dict[Op, dict[str, Any]]] = {
         "parameters": [
             _query("actor", {"type": "string", "pattern": _NAME_PATTERN}, required=True),
             _query("namespace", {"type": "string", "pattern": _NAME_PATTERN}),
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Makes the create idempotent: a retry with the same key, actor, namespace"
+                    " and body bytes answers 201 with the first create's id and dispatches"
+                    " nothing; the key is remembered for ASYA_MESH_IDEMPOTENCY_TTL (24 h)."
+                ),
+                "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+            },
         ],
         "requestBody": {"content": {_JSON: {"schema": _ref("CreateBody")}}},
         "responses": {
             "201": _reply("Created and dispatched to the actor's queue.", _ref("Created")),
-            "400": _error("Invalid actor, namespace or body."),
+            "400": _error("Invalid actor, namespace, body or Idempotency-Key."),
             "413": _error("Body over 10 MiB."),
+            "422": _error("The Idempotency-Key was used by a different request."),
+            "501": _error("Idempotency-Key with a state proxy that lacks create-if-absent."),
             "503": _error("The store or the queue is unavailable."),
         },
         "links": ("201", "id", "$response.body#/id"),

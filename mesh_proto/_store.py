@@ -41,7 +41,7 @@ from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocol
 from ._json import dumps, loads
 from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
-from ._wire import FEATURES_HEADER, Query, key_target
+from ._wire import FEATURES_HEADER, IF_ABSENT, Query, key_target
 
 # A conditional update loses a race only when another writer changed the envelope in between,
 # and every lost race is progress for someone: with N writers racing on one envelope the last
@@ -77,12 +77,20 @@ def get_request(key: str) -> StoreRequest:
 
 
 def put_request(
-    key: str, value: Any, *, if_status: str | None = None, if_rev: int | None = None
+    key: str,
+    value: Any,
+    *,
+    if_status: str | None = None,
+    if_rev: int | None = None,
+    if_absent: bool = False,
 ) -> StoreRequest:
-    """`PUT /keys/{key}`, optionally guarded by the stored status and/or revision."""
+    """`PUT /keys/{key}`, optionally guarded by the stored status and/or revision, or written
+    only if the key is absent (`if_absent`, our proxy's `IF_ABSENT`)."""
     params = {"if_status": if_status} if if_status is not None else {}
     if if_rev is not None:
         params["if_rev"] = str(if_rev)
+    if if_absent:
+        params[IF_ABSENT] = "1"
     return StoreRequest(
         method="PUT", target=key_target(key, **params), headers=JSON_HEADERS, body=dumps(value)
     )

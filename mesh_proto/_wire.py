@@ -53,6 +53,8 @@ MAX_PAGE: Final = 2**63 - 1
 # feature name of the revision guard (`PUT /keys/{key}?if_rev=N`).
 FEATURES_HEADER: Final = "asya-state-proxy-features"
 REV_GUARD: Final = "if_rev"
+# The feature (and parameter) of the create-if-absent write, `PUT /keys/{key}?if_absent=1`.
+IF_ABSENT: Final = "if_absent"
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")

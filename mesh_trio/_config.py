@@ -266,6 +266,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         parse=_duration,
     ),
     Setting(
+        env="ASYA_MESH_IDEMPOTENCY_TTL",
+        field="idempotency_ttl",
+        default="24h",
+        meaning="how long an `Idempotency-Key` of a create is remembered (docs/contract.md)",
+        parse=_duration,
+    ),
+    Setting(
         env="ASYA_MESH_SSE_KEEPALIVE",
         field="sse_keepalive",
         default="15s",
@@ -351,6 +358,7 @@ class Config:
     sqs_endpoint: str | None = None
     backstop_interval: float = 5.0
     sse_keepalive: float = 15.0
+    idempotency_ttl: float = 24 * 3600.0
     log_level: str = "info"
     log_format: str = "text"
     compat: bool = False

@@ -18,7 +18,7 @@ import os
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -26,11 +26,15 @@ import trio
 
 from mesh_proto import (
     CANCEL_EVENT,
+    DEFAULT_IDEMPOTENCY_TTL,
     KEEPALIVE,
     Applied,
+    Claim,
+    ClaimDecision,
     CreateRequest,
     Envelope,
     FlyEvent,
+    KeyReused,
     ListQuery,
     NotFound,
     Outcome,
@@ -40,8 +44,12 @@ from mesh_proto import (
     Status,
     StatusEvent,
     catch_up_frame,
+    claim_key,
+    decide_claim,
     parse_event,
+    parse_idempotency_key,
     queue_name,
+    request_fingerprint,
     traceparent_for,
 )
 
@@ -59,6 +67,9 @@ LIVE_MAX = 100_000
 # Bounds of the create sequence once the client is gone (it finishes shielded from the
 # client's disconnect, so a create never leaves a silent `pending` orphan).
 CREATE_GRACE = 30.0
+# How long a retry with an `Idempotency-Key` waits for the create that claimed the key to store
+# its envelope (it polls the store: the claimer may be another replica).
+IDEMPOTENCY_WAIT = 10.0
 
 
 def utcnow() -> datetime:
@@ -119,9 +130,16 @@ class Mesh:
     live: LiveCache = attrs.field(factory=LiveCache)
     # Prometheus metrics of this instance (`serve()` shares them with its apps and store).
     metrics: MeshMetrics = attrs.field(factory=MeshMetrics)
+    # How long an `Idempotency-Key` is remembered (`ASYA_MESH_IDEMPOTENCY_TTL`), in seconds.
+    idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
 
     async def create(
-        self, query: str | bytes, body: bytes, *, traceparent: str | None = None
+        self,
+        query: str | bytes,
+        body: bytes,
+        *,
+        traceparent: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Validate, store and dispatch a new envelope; returns its id.
 
@@ -130,21 +148,74 @@ class Mesh:
         (`otel`), the create is a `mesh.create` span (joining that trace), its dispatch a
         `mesh.dispatch` span, and the stamped `traceparent` is the create span's.
 
+        With `idempotency_key` (the request's `Idempotency-Key` header) the key is claimed
+        before anything is stored (see `_claim`): a retry of the same request returns the id of
+        the first, dispatching nothing. The claim is released when the envelope could not be
+        stored or the actor does not exist (a retry creates it anew), and kept when the
+        dispatch failed (503, envelope `failed`): the message may have reached the broker, so a
+        retry answers with the failed envelope rather than risk a second dispatch.
+
         Raises:
             ClientError: bad input (nothing stored); `NotFound("actor not found")` when the
-                actor's queue does not exist (the record is removed).
-            ServiceError: store or broker unavailable (a stored record is marked `failed`).
+                actor's queue does not exist (the record is removed); `KeyReused` (422) when
+                the key was claimed by a different request.
+            ServiceError: store or broker unavailable (a stored record is marked `failed`), or
+                the create holding the same key did not store its envelope in time.
+            IdempotencyUnsupported: the store cannot claim keys (501).
         """
+        key = parse_idempotency_key(idempotency_key) if idempotency_key is not None else None
         request = CreateRequest.parse(query, body)
         envelope_id = str(uuid.uuid4())
+        claim = None
+        if key is not None:
+            namespace = request.namespace or self.namespace
+            claim = (
+                claim_key(key),
+                Claim(
+                    envelope_id=envelope_id,
+                    fingerprint=request_fingerprint(request.actor, namespace, body),
+                    expires_at=self.clock() + timedelta(seconds=self.idempotency_ttl),
+                ),
+            )
         if self.otel is None:
             stamped = traceparent_for(traceparent, os.urandom(24)) if self.tracing else None
-            return await self._create(request, envelope_id, stamped)
+            return await self._create(request, envelope_id, stamped, claim)
         with self.otel.span("mesh.create", envelope_id, traceparent=traceparent) as span:
-            return await self._create(request, envelope_id, traceparent_of(span))
+            return await self._create(request, envelope_id, traceparent_of(span), claim)
+
+    async def _claim(self, key: str, claim: Claim) -> str | None:
+        """Claim `key`; None when this create owns it, else the id of the envelope of the
+        same request, once that envelope is stored.
+
+        Two creates racing for a key are decided by the store (one atomic claim wins); the
+        loser polls until the winner's envelope exists, for at most `IDEMPOTENCY_WAIT`, and
+        claims again on every round, so it takes over a key the winner released (its actor
+        did not exist). Raises `KeyReused` or `ServiceError` (see `create`).
+        """
+        delay = 0.005
+        with trio.move_on_after(IDEMPOTENCY_WAIT):
+            while True:
+                now = self.clock()
+                stored = await self.store.claim(key, claim, now)
+                decision = decide_claim(stored, claim.fingerprint, now)
+                if decision is ClaimDecision.FRESH:
+                    return None
+                if decision is ClaimDecision.CONFLICT:
+                    raise KeyReused()
+                if decision is ClaimDecision.REPLAY:
+                    assert stored is not None
+                    if await self.store.get(stored.envelope_id) is not None:
+                        return stored.envelope_id
+                await trio.sleep(delay)  # EXPIRED too: a claimer with a clock behind ours
+                delay = min(delay * 2, 0.1)
+        raise ServiceError("the create holding this Idempotency-Key has not finished; retry")
 
     async def _create(
-        self, request: CreateRequest, envelope_id: str, traceparent: str | None
+        self,
+        request: CreateRequest,
+        envelope_id: str,
+        traceparent: str | None,
+        claim: tuple[str, Claim] | None = None,
     ) -> str:
         envelope = Envelope.new(
             request,
@@ -156,7 +227,16 @@ class Mesh:
         queue = queue_name(request.namespace or self.namespace, request.actor)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CREATE_GRACE
-            await self.store.create(envelope)
+            if claim is not None:
+                replayed = await self._claim(*claim)
+                if replayed is not None:
+                    return replayed
+            try:
+                await self.store.create(envelope)
+            except Exception:
+                if claim is not None:
+                    await self.store.release(claim[0])
+                raise
             try:
                 with self.metrics.dispatching():
                     if self.otel is None:
@@ -167,6 +247,8 @@ class Mesh:
                             await self.dispatcher.send(queue, envelope.wire_message())
             except ActorNotFound:
                 await self.store.delete(envelope.id)
+                if claim is not None:
+                    await self.store.release(claim[0])
                 raise NotFound("actor not found") from None
             except DispatchUnavailable as exc:
                 reason = f"dispatch to {queue} failed: {exc}"

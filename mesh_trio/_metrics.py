@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from mesh_proto import (
     OPENAPI_PATH,
     Applied,
+    Claim,
     Envelope,
     MethodNotAllowed,
     Outcome,
@@ -316,3 +317,9 @@ class MeteredStore:
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return await self._timed("expired", self.inner.expired(now, limit))
+
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        return await self._timed("claim", self.inner.claim(key, claim, now))
+
+    async def release(self, key: str) -> None:
+        await self._timed("release", self.inner.release(key))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from mesh_proto import Envelope, Outcome, Status, StatusEvent
+from mesh_proto import Claim, Envelope, Outcome, Status, StatusEvent
 
 from ._config import LOG_FORMATS, ConfigError
 
@@ -243,3 +243,11 @@ class TracedStore:
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         with self.tracing.span("store.expired"):
             return await self.store.expired(now, limit)
+
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        with self.tracing.span("store.claim", claim.envelope_id):
+            return await self.store.claim(key, claim, now)
+
+    async def release(self, key: str) -> None:
+        with self.tracing.span("store.release"):
+            await self.store.release(key)

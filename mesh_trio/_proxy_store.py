@@ -19,6 +19,7 @@ reached the proxy is never re-sent.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
@@ -28,9 +29,12 @@ from typing import TypeVar
 import attrs
 
 from mesh_proto import (
+    IF_ABSENT,
     REV_GUARD,
     Applied,
+    Claim,
     Envelope,
+    IdempotencyUnsupported,
     Outcome,
     ServiceError,
     Status,
@@ -39,6 +43,7 @@ from mesh_proto import (
     StoreRequest,
     check_delete,
     check_health,
+    claim_envelope,
     create_envelope,
     delete_request,
     dumps,
@@ -55,6 +60,8 @@ from mesh_proto import (
 from ._client import ConnectError, ExchangeError, HttpPool
 
 T = TypeVar("T")
+
+log = logging.getLogger("mesh_trio")
 
 # Defaults of the envelope cache: enough for the live envelopes of a busy replica, bounded in
 # bytes because a payload may be up to the 10 MiB body limit.
@@ -122,6 +129,7 @@ class ProxyStore:
     cache: EnvelopeCache = attrs.field(factory=EnvelopeCache)
     # What the proxy's health reply listed; None until it has answered one.
     features: frozenset[str] | None = None
+    _warned_idempotency: bool = False
 
     async def _send(self, request: StoreRequest, *, headers: bool = False) -> StoreReply:
         try:
@@ -199,6 +207,29 @@ class ProxyStore:
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         envelopes, _ = read_rows(await self._send(expired_request(now, limit)))
         return envelopes
+
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        """The claim through `IF_ABSENT`; a proxy without it (the Go one would take
+        ``if_absent=1`` for a plain PUT and overwrite a claim) refuses idempotency: 501, and
+        one warning per process."""
+        if self.features is None:
+            await self.ping()
+        if self.features is None or IF_ABSENT not in self.features:
+            if not self._warned_idempotency:
+                self._warned_idempotency = True
+                log.warning(
+                    "the state proxy does not advertise %s: creates with Idempotency-Key are"
+                    " answered 501",
+                    IF_ABSENT,
+                )
+            raise IdempotencyUnsupported(
+                "Idempotency-Key needs a state proxy with create-if-absent writes (if_absent)"
+            )
+        stored, _ = await self._drive(claim_envelope(key, claim, now))
+        return stored
+
+    async def release(self, key: str) -> None:
+        check_delete(await self._send(delete_request(key)))
 
 
 @asynccontextmanager

@@ -157,6 +157,7 @@ async def serve(
             namespace=config.namespace,
             gateway_url=config.internal_url,
             keepalive=config.sse_keepalive,
+            idempotency_ttl=config.idempotency_ttl,
             tracing=config.tracing,
             otel=otel,
             metrics=metrics,

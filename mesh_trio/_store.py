@@ -24,6 +24,7 @@ import attrs
 from mesh_proto import (
     TERMINAL,
     Applied,
+    Claim,
     Envelope,
     Outcome,
     ServiceError,
@@ -60,6 +61,18 @@ class Store(Protocol):
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         """Up to `limit` live envelopes whose deadline is at or before `now`."""
 
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        """Store `claim` at `key` (a `mesh_proto.claim_key`) atomically if no live claim is
+        there (none, or one expired at `now`, which is replaced); else return the live one.
+
+        Raises:
+            IdempotencyUnsupported: the store cannot claim atomically (a state proxy without
+                `IF_ABSENT`).
+        """
+
+    async def release(self, key: str) -> None:
+        """Forget the claim at `key` (nothing if there is none)."""
+
 
 def _newest_first(envelope: Envelope) -> tuple[datetime, str]:
     return (envelope.created_at, envelope.id)
@@ -76,6 +89,7 @@ class MemoryStore:
 
     _envelopes: dict[str, Envelope] = attrs.field(factory=dict)
     _deadlines: dict[str, Envelope] = attrs.field(factory=dict)
+    _claims: dict[str, Claim] = attrs.field(factory=dict)
     _order: list[tuple[datetime, str]] = attrs.field(factory=list)
     _by_status: dict[Status, list[tuple[datetime, str]]] = attrs.field(
         factory=lambda: {status: [] for status in Status}
@@ -134,6 +148,16 @@ class MemoryStore:
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return [e for e in self._deadlines.values() if is_expired(e, now)][:limit]
 
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        stored = self._claims.get(key)
+        if stored is not None and not stored.expired(now):
+            return stored
+        self._claims[key] = claim
+        return None
+
+    async def release(self, key: str) -> None:
+        self._claims.pop(key, None)
+
 
 def _remove(order: list[tuple[datetime, str]], position: tuple[datetime, str]) -> None:
     index = bisect.bisect_left(order, position)
@@ -154,6 +178,12 @@ CREATE INDEX IF NOT EXISTS envelopes_created ON envelopes (created_at DESC, id D
 CREATE INDEX IF NOT EXISTS envelopes_status ON envelopes (status, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS envelopes_live_deadline ON envelopes (deadline_at)
     WHERE deadline_at IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'canceled');
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_expires ON claims (expires_at);
 """
 
 
@@ -249,6 +279,28 @@ class SqliteStore:
             (*sorted(str(s) for s in TERMINAL), format_time(now), limit),
         ).fetchall()
         return [self._row(r) for r in rows]
+
+    async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
+        # One statement: inserted, or replacing an expired claim, or (rowcount 0) left alone;
+        # atomic across processes sharing the file too.
+        cursor = self._db.execute(
+            "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+            " SET value = excluded.value, expires_at = excluded.expires_at"
+            " WHERE claims.expires_at <= ?",
+            (
+                key,
+                dumps(claim.to_value()).decode(),
+                format_time(claim.expires_at),
+                format_time(now),
+            ),
+        )
+        if cursor.rowcount == 1:
+            return None
+        (value,) = self._db.execute("SELECT value FROM claims WHERE key = ?", (key,)).fetchone()
+        return Claim.from_value(json.loads(value))
+
+    async def release(self, key: str) -> None:
+        self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
 
 
 @asynccontextmanager

@@ -27,6 +27,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from mesh_proto import (
+    IDEMPOTENCY_HEADER,
     MAX_BODY,
     OPENAPI_PATH,
     ClientError,
@@ -60,10 +61,13 @@ async def run_operation(
     query: bytes,
     body: Callable[[], Awaitable[bytes]],
     traceparent: str | None = None,
+    idempotency_key: str | None = None,
 ) -> tuple[int, bytes]:
     """Run a non-streaming operation; returns (status, JSON body or b"")."""
     if op is Op.CREATE:
-        envelope_id = await mesh.create(query, await body(), traceparent=traceparent)
+        envelope_id = await mesh.create(
+            query, await body(), traceparent=traceparent, idempotency_key=idempotency_key
+        )
         return 201, dumps({"id": envelope_id})
     if op is Op.LIST:
         return 200, dumps(await mesh.list(query))
@@ -233,6 +237,7 @@ def external_app(
             request.query_string,
             body,
             request.headers.get("traceparent"),
+            request.headers.get(IDEMPOTENCY_HEADER),
         )
         return Response(payload, status, content_type=JSON if payload else None)
 

@@ -17,6 +17,8 @@
 # A write may be guarded by the stored status (``if_status=S``, the Asya protocol) and by the
 # stored revision (``if_rev=N``, ours), or both. The health reply lists our additions in the
 # `FEATURES_HEADER`, so that a client can tell this proxy from one that would ignore ``if_rev``.
+# ``if_absent=1`` (ours too) writes only if the key does not exist (409 if it does), one
+# ``INSERT ... ON CONFLICT DO NOTHING``: the atomic claim of an idempotency key.
 
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ import trio
 
 from mesh_proto import (
     FEATURES_HEADER,
+    IF_ABSENT,
     REV_GUARD,
+    BadRequest,
     ProtocolError,
     decode_key,
     decode_query_string,
@@ -60,7 +64,7 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_PG_TIMEOUT = 30.0
 
 #: What this proxy adds to the Asya protocol, as its health reply lists them.
-FEATURES = (REV_GUARD,)
+FEATURES = (REV_GUARD, IF_ABSENT)
 
 _KEYS = b"/keys/"
 _NO_CONTENT = Response(status=204)
@@ -142,6 +146,13 @@ class Router:
         if_status = params.get("if_status") or None  # empty: unconditional, as in the Go proxy
         raw_rev = params.get(REV_GUARD)
         if_rev = None if raw_rev is None else parse_revision(raw_rev)
+        if_absent = params.get(IF_ABSENT)
+        if if_absent is not None:
+            if if_absent != "1" or if_status is not None or if_rev is not None:
+                raise BadRequest("if_absent must be 1, and takes no other guard")
+            if not await store.put_if_absent(key, body):
+                raise Conflict("condition failed: the key exists")
+            return _NO_CONTENT
         if if_status is None and if_rev is None:
             await store.put(key, body)
             return _NO_CONTENT

@@ -34,6 +34,7 @@ _PUT = (
     b"INSERT INTO kv (key, value) VALUES ($1, $2::jsonb) "
     b"ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
 )
+_PUT_IF_ABSENT = b"INSERT INTO kv (key, value) VALUES ($1, $2::jsonb) ON CONFLICT (key) DO NOTHING"
 _UPDATE = "UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1"
 _STATUS_IS = "value->>'status' = $3"
 # The stored revision as canonical decimal text: jsonb prints an integer without leading zeros
@@ -134,6 +135,20 @@ class KvStore:
             BadRequest: `value` is not valid JSON (PostgreSQL parses it).
         """
         await self._run(_PUT, key, value, name=b"sp_put", what="invalid JSON body")
+
+    async def put_if_absent(self, key: str, value: bytes) -> bool:
+        """Store `value` at `key` only if no record is there, in one statement.
+
+        Returns:
+            True if written; False if the key exists.
+
+        Raises:
+            BadRequest: `value` is not valid JSON.
+        """
+        rows = await self._run(
+            _PUT_IF_ABSENT, key, value, name=b"sp_put_if_absent", what="invalid JSON body"
+        )
+        return rows.affected == 1
 
     async def put_if(
         self, key: str, value: bytes, *, status: str | None = None, revision: str | None = None

@@ -92,7 +92,7 @@ def test_every_error_reply_has_the_error_body() -> None:
                     assert reply["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/Error"
                     }
-    assert codes == {"400", "404", "413", "503"}
+    assert codes == {"400", "404", "413", "422", "501", "503"}
     allowed = document["components"]["responses"]["MethodNotAllowed"]
     assert "Allow" in allowed["headers"]
     assert schema(document, "Error").is_valid({"error": "method not allowed"})
