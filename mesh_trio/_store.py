@@ -12,6 +12,7 @@ Store failures raise `mesh_proto.ServiceError` (503 to the client), never anythi
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -72,6 +73,11 @@ class Store(Protocol):
 
     async def release(self, key: str) -> None:
         """Forget the claim at `key` (nothing if there is none)."""
+
+
+# At most this many expired claims are dropped by each new claim (a bound on its cost; more
+# than one, so that they go faster than they come).
+_CLAIMS_DROPPED = 8
 
 
 def _newest_first(envelope: Envelope) -> tuple[datetime, str]:
@@ -152,6 +158,13 @@ class MemoryStore:
         stored = self._claims.get(key)
         if stored is not None and not stored.expired(now):
             return stored
+        # Claims sit in the order they were made, which (one TTL per process) is the order
+        # they expire in: each claim drops the expired ones at the front, so none pile up.
+        self._claims.pop(key, None)
+        for oldest in list(itertools.islice(self._claims, _CLAIMS_DROPPED)):
+            if not self._claims[oldest].expired(now):
+                break
+            del self._claims[oldest]
         self._claims[key] = claim
         return None
 
@@ -295,12 +308,21 @@ class SqliteStore:
             ),
         )
         if cursor.rowcount == 1:
+            await self.purge_claims(now, _CLAIMS_DROPPED)  # so that none pile up
             return None
         (value,) = self._db.execute("SELECT value FROM claims WHERE key = ?", (key,)).fetchone()
         return Claim.from_value(json.loads(value))
 
     async def release(self, key: str) -> None:
         self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
+
+    async def purge_claims(self, now: datetime, limit: int) -> int:
+        """Delete up to `limit` claims expired at `now` (by the `expires_at` index)."""
+        return self._db.execute(
+            "DELETE FROM claims WHERE key IN"
+            " (SELECT key FROM claims WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            (format_time(now), limit),
+        ).rowcount
 
 
 @asynccontextmanager

@@ -8,15 +8,16 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
-from mesh_proto import REV_GUARD
+from mesh_proto import REV_GUARD, Claim, claim_key
 from mesh_trio._proxy_store import ProxyStore
+from mesh_trio._store import MemoryStore, SqliteStore
 from mesh_trio.stateproxy import serve_state_proxy
 from mesh_trio.transports import MemoryQueues
 from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy
@@ -257,3 +258,44 @@ async def test_a_proxy_without_if_absent_refuses_keys_with_501(
     warnings = [r for r in caplog.records if "Idempotency-Key" in r.getMessage()]
     assert len(warnings) == 1
     assert (await mesh.ext("POST", "?actor=worker", {})).status == 201  # without a key: as ever
+
+
+# Expired claims do not pile up in the embedded stores: each new claim drops up to 8 of them.
+
+T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+
+def claim_at(n: int, expires_at: datetime) -> Claim:
+    return Claim(envelope_id=f"e{n}", fingerprint="f", expires_at=expires_at)
+
+
+async def test_memory_store_drops_expired_claims() -> None:
+    store = MemoryStore()
+    for n in range(20):
+        assert await store.claim(claim_key(str(n)), claim_at(n, T0), T0 - timedelta(1)) is None
+    live = claim_at(99, T0 + timedelta(days=1))
+    assert await store.claim(claim_key("a"), live, T0) is None
+    assert len(store._claims) == 20 - 8 + 1
+    for n in range(3):
+        await store.claim(claim_key(f"b{n}"), live, T0)
+    assert len(store._claims) == 4  # the last 12 expired ones went with the next two claims
+    assert await store.claim(claim_key("a"), claim_at(1, T0), T0) == live
+
+
+async def test_sqlite_store_drops_expired_claims(short_dir: str) -> None:
+    store = SqliteStore.open(f"{short_dir}/claims.db")
+    try:
+        for n in range(20):
+            await store.claim(claim_key(str(n)), claim_at(n, T0), T0 - timedelta(1))
+        live = claim_at(99, T0 + timedelta(days=1))
+        assert await store.claim(claim_key("a"), live, T0) is None
+
+        def count() -> int:
+            return int(store._db.execute("SELECT count(*) FROM claims").fetchone()[0])
+
+        assert count() == 20 - 8 + 1
+        assert await store.purge_claims(T0, 100) == 12
+        assert count() == 1
+        assert await store.claim(claim_key("a"), claim_at(1, T0), T0) == live
+    finally:
+        store.close()
