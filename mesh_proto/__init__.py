@@ -35,7 +35,10 @@ from ._idempotency import (
 from ._json import MAX_DEPTH, dumps, loads
 from ._openapi import OPENAPI_PATH, openapi_document
 from ._requests import (
+    CURSOR_PATTERN,
     MAX_BODY,
+    MAX_WAIT,
+    TIMESTAMP_PATTERN,
     CreateRequest,
     FlyEvent,
     ListQuery,
@@ -43,6 +46,7 @@ from ._requests import (
     parse_event,
     parse_id,
     parse_query,
+    parse_wait,
 )
 from ._routing import ROUTES, Op, Role, Route, Router, RouteSpec
 from ._sse import (
@@ -81,6 +85,8 @@ from ._store import (
     expired_request,
     get_request,
     health_request,
+    list_envelopes,
+    list_filter,
     list_request,
     put_request,
     query_request,
@@ -91,6 +97,8 @@ from ._store import (
 from ._time import format_time, parse_time
 from ._trace import traceparent_for
 from ._wire import (
+    COLUMN_OPERATORS,
+    COLUMNS,
     FEATURES_HEADER,
     IF_ABSENT,
     MAX_FIELD_NAME,
@@ -112,6 +120,9 @@ __all__ = [
     "ALIASES",
     "CANCEL_EVENT",
     "CLAIM_PREFIX",
+    "COLUMNS",
+    "COLUMN_OPERATORS",
+    "CURSOR_PATTERN",
     "DEFAULT_IDEMPOTENCY_TTL",
     "EXPIRE_EVENT",
     "FEATURES_HEADER",
@@ -125,6 +136,7 @@ __all__ = [
     "MAX_FIELD_NAME",
     "MAX_IDEMPOTENCY_KEY",
     "MAX_PAGE",
+    "MAX_WAIT",
     "OPENAPI_PATH",
     "OPERATORS",
     "RANK",
@@ -133,6 +145,7 @@ __all__ = [
     "ROUTES",
     "RULES",
     "TERMINAL",
+    "TIMESTAMP_PATTERN",
     "Applied",
     "BadRequest",
     "Claim",
@@ -194,6 +207,8 @@ __all__ = [
     "health_request",
     "is_expired",
     "is_field_name",
+    "list_envelopes",
+    "list_filter",
     "list_request",
     "loads",
     "openapi_document",
@@ -203,6 +218,7 @@ __all__ = [
     "parse_query",
     "parse_revision",
     "parse_time",
+    "parse_wait",
     "put_request",
     "query_request",
     "queue_name",

@@ -18,7 +18,14 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
-from ._requests import FORBIDDEN_KEYS, MAX_LIMIT, MAX_TIMEOUT
+from ._requests import (
+    CURSOR_PATTERN,
+    FORBIDDEN_KEYS,
+    MAX_LIMIT,
+    MAX_TIMEOUT,
+    MAX_WAIT,
+    TIMESTAMP_PATTERN,
+)
 from ._routing import ROUTES, Op, Role, normalize_prefix
 from ._status import ALIASES, Status
 
@@ -70,8 +77,13 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "properties": {
             "messages": {"type": "array", "items": _ref("Envelope")},
             "total": {"type": "integer", "minimum": 0},
+            "next_cursor": {
+                "type": "string",
+                "pattern": f"^{CURSOR_PATTERN}$",
+                "description": "Present when another page follows: pass it as `cursor`.",
+            },
         },
-        "description": "One page, newest first; `total` counts every match.",
+        "description": "One page, newest first; `total` counts every match of the filters.",
     },
     "Created": {
         "type": "object",
@@ -131,6 +143,14 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
 }
 
+_STATUS_NAMES: Final = "(" + "|".join(_STATUSES) + ")"
+_TIMESTAMP: Final = {"type": "string", "format": "date-time", "pattern": f"^{TIMESTAMP_PATTERN}$"}
+
+
+def _described(param: dict[str, Any], description: str) -> dict[str, Any]:
+    return {**param, "description": description}
+
+
 _ID: Final = {
     "name": "id",
     "in": "path",
@@ -173,7 +193,15 @@ _OPERATIONS: Final[dict[Op, dict[str, Any]]] = {
         ],
         "requestBody": {"content": {_JSON: {"schema": _ref("CreateBody")}}},
         "responses": {
-            "201": _reply("Created and dispatched to the actor's queue.", _ref("Created")),
+            "201": {
+                **_reply("Created and dispatched to the actor's queue.", _ref("Created")),
+                "headers": {
+                    "Location": {
+                        "description": "The new envelope's path, `{prefix}/mesh/{id}`.",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
             "400": _error("Invalid actor, namespace, body or Idempotency-Key."),
             "413": _error("Body over 10 MiB."),
             "422": _error("The Idempotency-Key was used by a different request."),
@@ -184,20 +212,50 @@ _OPERATIONS: Final[dict[Op, dict[str, Any]]] = {
     },
     Op.LIST: {
         "parameters": [
-            _query("status", _ref("Status")),
+            _described(
+                _query("actor", {"type": "string", "pattern": _NAME_PATTERN}),
+                "Only envelopes created for this actor.",
+            ),
+            _described(
+                _query(
+                    "status",
+                    {"type": "string", "pattern": f"^{_STATUS_NAMES}(,{_STATUS_NAMES})*$"},
+                ),
+                "Only envelopes in one of these comma-separated statuses.",
+            ),
+            _described(
+                _query("created_after", _TIMESTAMP), "Only envelopes created after (exclusive)."
+            ),
+            _described(
+                _query("created_before", _TIMESTAMP),
+                "Only envelopes created before (exclusive).",
+            ),
+            _described(
+                _query("cursor", {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"}),
+                "The `next_cursor` of the previous page: the page continues strictly after its"
+                " last row, whatever was created since. Not with an `offset` above 0.",
+            ),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
             _query("offset", {"type": "integer", "minimum": 0, "maximum": _MAX_OFFSET}),
         ],
         "responses": {
             "200": _reply("A page of envelopes.", _ref("EnvelopeList")),
-            "400": _error("Invalid status, limit or offset."),
+            "400": _error("Invalid actor, status, timestamp, cursor, limit or offset."),
             "503": _error("The store is unavailable."),
         },
     },
     Op.GET: {
-        "parameters": [_ID],
+        "parameters": [
+            _ID,
+            _described(
+                _query("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT}),
+                "Hold the reply until the envelope is terminal, at most this many seconds, then"
+                " answer with its state as it is; 0 or absent: at once.",
+            ),
+        ],
         "responses": {
             "200": _reply("The envelope.", _ref("Envelope")),
+            "400": _error("Invalid wait."),
             "404": _error("No such envelope."),
             "503": _error("The store is unavailable."),
         },

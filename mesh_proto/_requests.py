@@ -7,14 +7,17 @@ reply. Nothing else escapes: a property test feeds them arbitrary bytes to prove
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import attrs
 
+from ._envelope import Envelope
 from ._errors import BadRequest, NotFound, PayloadTooLarge
 from ._json import MAX_DEPTH, loads
 from ._status import ALIASES, Status, StatusEvent
@@ -23,6 +26,21 @@ MAX_BODY: Final = 10 * 1024 * 1024
 MAX_TIMEOUT: Final = 10 * 365 * 24 * 3600.0
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
+MAX_WAIT: Final = 60.0
+# 17 digits of microseconds reach the year 5138, within what `datetime` holds.
+CURSOR_PATTERN: Final = (
+    r"([0-9]{1,17})\.([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+)
+_CURSOR: Final = re.compile(CURSOR_PATTERN)
+# RFC 3339 with a `T` and a zone, as `datetime.fromisoformat` reads it (an offset may carry
+# seconds); the OpenAPI document says the same pattern.
+TIMESTAMP_PATTERN: Final = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)"
+)
+_TIMESTAMP: Final = re.compile(TIMESTAMP_PATTERN)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 FORBIDDEN_KEYS: Final = ("route", "route_next", "next")
 # Actor and namespace names become part of a queue name (`asya-{namespace}-{actor}`), so they
 # are held to what RabbitMQ, SQS and Kubernetes all accept.
@@ -140,10 +158,47 @@ class CreateRequest:
 
 
 @attrs.frozen(kw_only=True)
-class ListQuery:
-    """`GET {prefix}/mesh/?status=&limit=&offset=`."""
+class Cursor:
+    """Where a keyset page ends: the last row's `(created_at, id)`.
 
-    status: Status | None = None
+    On the wire an opaque token, ``<microseconds since 1970>.<id>`` (`CURSOR_PATTERN`): every
+    string of that shape is a valid cursor, so the OpenAPI pattern says exactly what parses.
+    The next page holds the rows strictly after it in the newest-first order.
+    """
+
+    created_at: datetime
+    id: str
+
+    def encode(self) -> str:
+        return f"{(self.created_at - _EPOCH) // _MICROSECOND}.{self.id}"
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        """The cursor of a token made by `encode`.
+
+        Raises:
+            BadRequest: anything else.
+        """
+        match = _CURSOR.fullmatch(token)
+        if match is None:
+            raise BadRequest("invalid cursor")
+        micros, envelope_id = match.groups()
+        return cls(created_at=_EPOCH + int(micros) * _MICROSECOND, id=envelope_id)
+
+
+@attrs.frozen(kw_only=True)
+class ListQuery:
+    """`GET {prefix}/mesh/?actor=&status=&created_after=&created_before=&cursor=&limit=&offset=`.
+
+    Every filter narrows the list (and its `total`); `statuses` matches any of them;
+    `created_after` / `created_before` are exclusive bounds; `cursor` continues after a row.
+    """
+
+    actor: str | None = None
+    statuses: tuple[Status, ...] = ()
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    cursor: Cursor | None = None
     limit: int = DEFAULT_LIMIT
     offset: int = 0
 
@@ -152,22 +207,90 @@ class ListQuery:
         """Validate list parameters.
 
         Raises:
-            BadRequest: unknown status (names are exact and lower-case), `limit` outside
-                1..1000, or a negative or non-integer `offset`.
+            BadRequest: an invalid actor name, an unknown status among the comma-separated
+                `status` (names are exact and lower-case), a `created_after` / `created_before`
+                that is not an RFC 3339 timestamp with a time zone, a malformed `cursor`, a
+                `cursor` with an `offset` above 0, `limit` outside 1..1000, or a negative or
+                non-integer `offset`.
         """
         params = parse_query(query)
-        status = None
-        if "status" in params:
+        actor = _name(params["actor"], "actor") if "actor" in params else None
+        statuses: list[Status] = []
+        for name in params["status"].split(",") if "status" in params else ():
             try:
-                status = Status(params["status"])
+                status = Status(name)
             except ValueError:
                 raise BadRequest(
-                    f"invalid status {params['status'][:40]!r}: one of "
-                    + ", ".join(s.value for s in Status)
+                    f"invalid status {name[:40]!r}: one of " + ", ".join(s.value for s in Status)
                 ) from None
+            if status not in statuses:
+                statuses.append(status)
+        cursor = Cursor.decode(params["cursor"]) if "cursor" in params else None
         limit = _integer(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         offset = _integer(params.get("offset"), "offset", 0, 0, None)
-        return cls(status=status, limit=limit, offset=offset)
+        if cursor is not None and offset:
+            raise BadRequest("cursor and offset cannot be used together")
+        return cls(
+            actor=actor,
+            statuses=tuple(sorted(statuses, key=lambda s: s.value)),
+            created_after=_moment(params.get("created_after"), "created_after"),
+            created_before=_moment(params.get("created_before"), "created_before"),
+            cursor=cursor,
+            limit=limit,
+            offset=offset,
+        )
+
+    def matches(self, envelope: Envelope) -> bool:
+        """Whether `envelope` passes the filters (not the cursor): what `total` counts."""
+        return (
+            (self.actor is None or envelope.data.get("actor") == self.actor)
+            and (not self.statuses or envelope.status in self.statuses)
+            and (self.created_after is None or envelope.created_at > self.created_after)
+            and (self.created_before is None or envelope.created_at < self.created_before)
+        )
+
+    def next_cursor(self, rows: Sequence[Envelope]) -> str | None:
+        """The token continuing after this page, given the rows a store returned for a query
+        one longer than `limit` (so that a full last page needs no extra request); None when
+        there is nothing after it."""
+        if len(rows) <= self.limit:
+            return None
+        last = rows[self.limit - 1]
+        return Cursor(created_at=last.created_at, id=last.id).encode()
+
+
+def parse_wait(query: str | bytes) -> float:
+    """The `wait=S` of `GET {prefix}/mesh/{id}`: seconds to hold the reply until the envelope
+    is terminal, 0.0 when absent or 0 (answer at once).
+
+    Raises:
+        BadRequest: not a decimal number of seconds from 0 to `MAX_WAIT`.
+    """
+    raw = parse_query(query).get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = float(raw) if len(raw) <= 40 else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT:  # NaN included
+        raise BadRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
+    return seconds
+
+
+def _moment(raw: str | None, what: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw) if _TIMESTAMP.fullmatch(raw) else None
+    except ValueError:  # no such day or time
+        moment = None
+    if moment is None:
+        raise BadRequest(f"{what} must be an RFC 3339 timestamp with a time zone")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # within a day of the first or the last representable instant
+        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def _integer(raw: str | None, what: str, default: int, low: int, high: int | None) -> int:

@@ -39,6 +39,7 @@ import attrs
 from ._envelope import KEY_PREFIX, Envelope, envelope_key
 from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocolError
 from ._json import dumps, loads
+from ._requests import Cursor, ListQuery
 from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
 from ._wire import FEATURES_HEADER, IF_ABSENT, Query, key_target
@@ -251,16 +252,87 @@ def update_status(
     raise ServiceError(f"envelope {envelope_id} is changing too fast: update not applied")
 
 
-def list_request(status: Status | None, limit: int, offset: int) -> StoreRequest:
-    """The query behind `GET /mesh/`: newest first, ties by id, with the full count."""
+def list_filter(query: ListQuery) -> dict[str, Any]:
+    """The Mango filter of a list query's filters (not its cursor)."""
+    selector: dict[str, Any] = {}
+    if query.actor is not None:
+        selector["actor"] = query.actor
+    if len(query.statuses) == 1:
+        selector["status"] = query.statuses[0].value  # containment: the GIN index
+    elif query.statuses:
+        selector["status"] = {"$in": [s.value for s in query.statuses]}
+    # ISO 8601 with an offset, as the query model keeps column bounds (any year, four digits).
+    created: dict[str, str] = {}
+    if query.created_after is not None:
+        created["$gt"] = query.created_after.isoformat()
+    if query.created_before is not None:
+        created["$lt"] = query.created_before.isoformat()
+    if created:
+        selector["created_at"] = created
+    return selector
+
+
+def list_request(query: ListQuery, *, extra: int = 0) -> StoreRequest:
+    """The page query behind `GET /mesh/`: newest first, ties by id.
+
+    Without a cursor it asks for the full count too. With one, the proxy cannot say
+    "(created_at, key) before (t, k)" in one filter, so the query asks for rows at or before
+    `t`, `extra` more than the page, and `list_envelopes` drops the ones at `t` the previous
+    page already held.
+    """
+    selector = list_filter(query)
+    if query.cursor is not None:
+        bounds = {**selector.get("created_at", {}), "$lte": query.cursor.created_at.isoformat()}
+        selector["created_at"] = bounds
     return query_request(
         prefix=KEY_PREFIX,
-        filter={"status": str(status)} if status is not None else None,
+        filter=selector or None,
         sort=("-created_at", "-key"),
-        limit=limit,
-        offset=offset,
-        count=True,
+        limit=query.limit + extra,
+        offset=query.offset,
+        count=query.cursor is None,
     )
+
+
+def list_envelopes(
+    query: ListQuery,
+) -> Generator[StoreRequest, StoreReply, tuple[list[Envelope], int]]:
+    """A page of envelopes and the count of all that match the filters (see `list_request`).
+
+    Raises:
+        ServiceError: the state proxy is unavailable.
+        StoreProtocolError: it answered outside the protocol.
+    """
+    cursor = query.cursor
+    if cursor is None:
+        envelopes, total = read_rows((yield list_request(query)))
+        return envelopes, total if total is not None else query.offset + len(envelopes)
+    extra = 1
+    while True:
+        rows, _ = read_rows((yield list_request(query, extra=extra)))
+        page = _after(rows, cursor)
+        if len(page) >= query.limit or len(rows) < query.limit + extra:
+            break
+        extra *= 2  # more rows share the cursor's instant than this page made room for
+    selector = list_filter(query) or None
+    counted = query_request(prefix=KEY_PREFIX, filter=selector, limit=1, count=True)
+    _, total = read_rows((yield counted))
+    return page[: query.limit], total if total is not None else len(page)
+
+
+def _after(rows: list[Envelope], cursor: Cursor) -> list[Envelope]:
+    """`rows` (newest first, none after the cursor's instant) past the cursor's row.
+
+    The rows at the cursor's instant come first, in the proxy's key order: the ones up to the
+    cursor's row were on earlier pages. (Should that row be gone, ids compare as strings.)
+    """
+    tied = 0
+    while tied < len(rows) and rows[tied].created_at == cursor.created_at:
+        tied += 1
+    ids = [e.id for e in rows[:tied]]
+    if cursor.id in ids:
+        return rows[ids.index(cursor.id) + 1 :]
+    return [e for e in rows[:tied] if e.id < cursor.id] + rows[tied:]
 
 
 def expired_request(now: datetime, limit: int) -> StoreRequest:

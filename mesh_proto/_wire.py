@@ -28,6 +28,7 @@ import attrs
 
 from ._errors import BadRequest
 from ._json import dumps, loads
+from ._time import parse_time
 
 #: A field of the stored value that a filter, a sort or an index may name.
 FIELD_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -47,6 +48,11 @@ OPERATORS: Final[Mapping[str, tuple[type, ...] | None]] = {
     "$exists": (bool,),
     "$contains": None,
 }
+#: The record's columns: `sort` and `filter` name them directly (any other name is a field of
+#: the value). A filter on a column takes only `COLUMN_OPERATORS`, each with a string operand:
+#: an RFC 3339 timestamp with a time zone for the time columns.
+COLUMNS: Final = frozenset({"key", "created_at", "updated_at"})
+COLUMN_OPERATORS: Final = ("$gt", "$gte", "$lt", "$lte")
 #: Largest `limit` / `offset` (PostgreSQL's bigint).
 MAX_PAGE: Final = 2**63 - 1
 # The health reply's header listing what the proxy supports beyond the Asya protocol, and the
@@ -288,6 +294,8 @@ class Query:
 def _conditions(field: object, condition: object) -> list[Condition]:
     if not is_field_name(field):
         raise BadRequest(f"invalid field name {field!r}: want [A-Za-z_][A-Za-z0-9_]*")
+    if field in COLUMNS:
+        return _column(field, condition)
     if isinstance(condition, dict) and condition:
         operators = [isinstance(k, str) and k.startswith("$") for k in condition]
         if all(operators):
@@ -296,6 +304,27 @@ def _conditions(field: object, condition: object) -> list[Condition]:
             raise BadRequest(f"filter on {field!r} mixes operators and plain fields")
     _check_strings(condition)
     return [Condition(field=field, op=None, operand=condition)]
+
+
+def _column(field: str, condition: object) -> list[Condition]:
+    """Bounds on a column; a timestamp operand is kept in one canonical form (ISO 8601 with
+    an offset, which PostgreSQL reads as is)."""
+    if not isinstance(condition, dict) or not condition:
+        raise BadRequest(f"a filter on the column {field!r} needs " + ", ".join(COLUMN_OPERATORS))
+    conditions = []
+    for op, arg in condition.items():
+        if op not in COLUMN_OPERATORS:
+            raise BadRequest(f"operator {op!r} is not allowed on the column {field!r}")
+        if not isinstance(arg, str):
+            raise BadRequest(f"{op} on {field!r} needs a string")
+        _check_strings(arg)
+        if field != "key":
+            try:
+                arg = parse_time(arg).isoformat()
+            except (ValueError, OverflowError):
+                raise BadRequest(f"{op} on {field!r} needs an RFC 3339 timestamp") from None
+        conditions.append(Condition(field=field, op=op, operand=arg))
+    return conditions
 
 
 def _operator(field: str, op: str, arg: object) -> Condition:

@@ -48,6 +48,7 @@ from mesh_proto import (
     decide_claim,
     parse_event,
     parse_idempotency_key,
+    parse_wait,
     queue_name,
     request_fingerprint,
     traceparent_for,
@@ -268,10 +269,47 @@ class Mesh:
             raise NotFound("envelope not found")
         return envelope
 
+    async def wait(self, envelope_id: str, query: str | bytes) -> Envelope:
+        """`get` held until the envelope is terminal, for at most `wait=S` seconds (`parse_wait`;
+        none: at once), then its state as it is. Shutdown ends the wait at once.
+
+        Subscribes before reading, so a terminal event published in between is not missed.
+
+        Raises:
+            BadRequest: an invalid `wait`.
+            NotFound: no such envelope (also when it is deleted meanwhile).
+        """
+        seconds = parse_wait(query)
+        if not seconds:
+            return await self.get(envelope_id)
+        async with self.broadcaster.subscribe(envelope_id) as sub:
+            envelope = await self.get(envelope_id)
+            with trio.move_on_after(seconds):
+                while not envelope.terminal and not sub.closed:
+                    await sub.wait()
+                    pending, resync = sub.take()
+                    if resync or any(published.terminal for published in pending):
+                        envelope = await self.get(envelope_id)
+        # After a timeout (possibly in the middle of a read), the state as it is now.
+        return envelope if envelope.terminal else await self.get(envelope_id)
+
     async def list(self, query: str | bytes) -> dict[str, Any]:
+        """A page of the list; `next_cursor` is there when a next page is (`ListQuery`).
+
+        Raises:
+            BadRequest: invalid parameters.
+        """
         params = ListQuery.parse(query)
-        envelopes, total = await self.store.list(params.status, params.limit, params.offset)
-        return {"messages": [e.to_json() for e in envelopes], "total": total}
+        # One row more than the page tells whether another page follows.
+        rows, total = await self.store.list(attrs.evolve(params, limit=params.limit + 1))
+        reply: dict[str, Any] = {
+            "messages": [e.to_json() for e in rows[: params.limit]],
+            "total": total,
+        }
+        next_cursor = params.next_cursor(rows)
+        if next_cursor is not None:
+            reply["next_cursor"] = next_cursor
+        return reply
 
     async def cancel(self, envelope_id: str) -> Outcome:
         """Cancel through the status rules (a terminal envelope is left as it is)."""

@@ -34,6 +34,7 @@ from mesh_proto import (
     Applied,
     Claim,
     Envelope,
+    ListQuery,
     MethodNotAllowed,
     Outcome,
     ProtocolError,
@@ -310,10 +311,8 @@ class MeteredStore:
     async def delete(self, envelope_id: str) -> bool:
         return await self._timed("delete", self.inner.delete(envelope_id))
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
-        return await self._timed("list", self.inner.list(status, limit, offset))
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        return await self._timed("list", self.inner.list(query))
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return await self._timed("expired", self.inner.expired(now, limit))

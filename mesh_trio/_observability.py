@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from mesh_proto import Claim, Envelope, Outcome, Status, StatusEvent
+from mesh_proto import Claim, Envelope, ListQuery, Outcome, StatusEvent
 
 from ._config import LOG_FORMATS, ConfigError
 
@@ -234,11 +234,9 @@ class TracedStore:
         with self.tracing.span("store.delete", envelope_id):
             return await self.store.delete(envelope_id)
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
         with self.tracing.span("store.list"):
-            return await self.store.list(status, limit, offset)
+            return await self.store.list(query)
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         with self.tracing.span("store.expired"):

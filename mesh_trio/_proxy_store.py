@@ -35,9 +35,9 @@ from mesh_proto import (
     Claim,
     Envelope,
     IdempotencyUnsupported,
+    ListQuery,
     Outcome,
     ServiceError,
-    Status,
     StatusEvent,
     StoreReply,
     StoreRequest,
@@ -51,7 +51,7 @@ from mesh_proto import (
     expired_request,
     get_request,
     health_request,
-    list_request,
+    list_envelopes,
     read_envelope,
     read_rows,
     update_status,
@@ -198,11 +198,9 @@ class ProxyStore:
         self.cache.discard(envelope_id)
         return check_delete(await self._send(delete_request(envelope_key(envelope_id))))
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
-        envelopes, total = read_rows(await self._send(list_request(status, limit, offset)))
-        return envelopes, total if total is not None else offset + len(envelopes)
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        result, _ = await self._drive(list_envelopes(query))
+        return result
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         envelopes, _ = read_rows(await self._send(expired_request(now, limit)))

@@ -12,10 +12,11 @@ Store failures raise `mesh_proto.ServiceError` (503 to the client), never anythi
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Protocol
@@ -27,6 +28,7 @@ from mesh_proto import (
     Applied,
     Claim,
     Envelope,
+    ListQuery,
     Outcome,
     ServiceError,
     Status,
@@ -54,10 +56,10 @@ class Store(Protocol):
     async def delete(self, envelope_id: str) -> bool:
         """Remove an envelope; False if there was none."""
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
-        """A page of envelopes, newest first (ties by id, descending), and the full match count."""
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        """A page of at most `query.limit` envelopes that match its filters, newest first (ties
+        by id, descending), strictly after its cursor or past its offset; and the count of all
+        that match the filters (not the cursor)."""
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         """Up to `limit` live envelopes whose deadline is at or before `now`."""
@@ -143,13 +145,39 @@ class MemoryStore:
         _remove(self._by_status[envelope.status], _newest_first(envelope))
         return True
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
-        order = self._order if status is None else self._by_status[status]
-        end = max(len(order) - offset, 0)
-        page = order[max(end - limit, 0) : end]
-        return [self._envelopes[key] for _, key in reversed(page)], len(order)
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        # One sorted index per status asked for (or all of them), cut to the time bounds by
+        # bisection; only an actor filter or several statuses make it walk entries.
+        orders = [self._by_status[s] for s in query.statuses] or [self._order]
+        low = (query.created_after, _LAST_ID) if query.created_after is not None else None
+        high = (query.created_before, "") if query.created_before is not None else None
+        spans = [_span(order, low, high) for order in orders]
+        actor = query.actor
+        if actor is None:
+            total = sum(end - start for _, start, end in spans)
+        else:
+            total = sum(
+                self._envelopes[key].data.get("actor") == actor
+                for order, start, end in spans
+                for _, key in order[start:end]
+            )
+        cursor = query.cursor
+        if cursor is not None:
+            after = (cursor.created_at, cursor.id)
+            spans = [(o, start, min(end, bisect.bisect_left(o, after))) for o, start, end in spans]
+        if len(spans) == 1 and actor is None:
+            order, start, end = spans[0]
+            end = max(end - query.offset, start)
+            page = order[max(end - query.limit, start) : end]
+            return [self._envelopes[key] for _, key in reversed(page)], total
+        newest = heapq.merge(*(_backwards(*span) for span in spans), reverse=True)
+        matching = (
+            self._envelopes[key]
+            for _, key in newest
+            if actor is None or self._envelopes[key].data.get("actor") == actor
+        )
+        end = query.offset + query.limit
+        return list(itertools.islice(matching, query.offset, end)), total
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         return [e for e in self._deadlines.values() if is_expired(e, now)][:limit]
@@ -170,6 +198,26 @@ class MemoryStore:
 
     async def release(self, key: str) -> None:
         self._claims.pop(key, None)
+
+
+# Above every id at one instant, so that `(t, _LAST_ID)` bisects just past the entries at `t`.
+_LAST_ID = "\U0010ffff"
+
+
+def _span(
+    order: list[tuple[datetime, str]],
+    low: tuple[datetime, str] | None,
+    high: tuple[datetime, str] | None,
+) -> tuple[list[tuple[datetime, str]], int, int]:
+    start = bisect.bisect_right(order, low) if low is not None else 0
+    end = bisect.bisect_left(order, high) if high is not None else len(order)
+    return order, start, max(start, end)
+
+
+def _backwards(
+    order: list[tuple[datetime, str]], start: int, end: int
+) -> Iterator[tuple[datetime, str]]:
+    return (order[i] for i in range(end - 1, start - 1, -1))
 
 
 def _remove(order: list[tuple[datetime, str]], position: tuple[datetime, str]) -> None:
@@ -273,16 +321,33 @@ class SqliteStore:
         cursor = self._db.execute("DELETE FROM envelopes WHERE id = ?", (envelope_id,))
         return cursor.rowcount > 0
 
-    async def list(
-        self, status: Status | None, limit: int, offset: int
-    ) -> tuple[Sequence[Envelope], int]:
-        where, args = ("WHERE status = ?", (str(status),)) if status is not None else ("", ())
+    async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        # Timestamps are stored in one fixed format, so they compare as text.
+        clauses: list[str] = []
+        args: list[str] = []
+        if query.actor is not None:
+            clauses.append("json_extract(value, '$.actor') = ?")
+            args.append(query.actor)
+        if query.statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+            args.extend(s.value for s in query.statuses)
+        if query.created_after is not None:
+            clauses.append("created_at > ?")
+            args.append(format_time(query.created_after))
+        if query.created_before is not None:
+            clauses.append("created_at < ?")
+            args.append(format_time(query.created_before))
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
+        (total,) = self._db.execute(f"SELECT count(*) FROM envelopes {where}", args).fetchone()
+        page_args = list(args)
+        if query.cursor is not None:
+            where += (" AND " if clauses else "WHERE ") + "(created_at, id) < (?, ?)"
+            page_args.extend((format_time(query.cursor.created_at), query.cursor.id))
         rows = self._db.execute(
             f"SELECT id, value, created_at, updated_at FROM envelopes {where} "
             "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            (*args, limit, offset),
+            (*page_args, query.limit, query.offset),
         ).fetchall()
-        (total,) = self._db.execute(f"SELECT count(*) FROM envelopes {where}", args).fetchone()
         return [self._row(r) for r in rows], total
 
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:

@@ -38,6 +38,7 @@ from mesh_proto import (
     Role,
     Route,
     dumps,
+    loads,
     openapi_document,
 )
 
@@ -78,7 +79,7 @@ async def run_operation(
         return 200, dumps({"status": "ready"})
     assert envelope_id is not None
     if op is Op.GET:
-        return 200, dumps((await mesh.get(envelope_id)).to_json())
+        return 200, dumps((await mesh.wait(envelope_id, query)).to_json())
     if op is Op.CANCEL:
         await mesh.cancel(envelope_id)
         return 204, b""
@@ -239,7 +240,11 @@ def external_app(
             request.headers.get("traceparent"),
             request.headers.get(IDEMPOTENCY_HEADER),
         )
-        return Response(payload, status, content_type=JSON if payload else None)
+        headers = {}
+        if route.op is Op.CREATE and status == 201:
+            # Read back from the reply, so it names whatever id the create answered with.
+            headers["Location"] = f"{router.prefix}/mesh/{loads(payload)['id']}"
+        return Response(payload, status, headers, content_type=JSON if payload else None)
 
     async def handle(path: str = "") -> Response:
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -19,6 +20,7 @@ from mesh_proto import (
     CreateRequest,
     Envelope,
     Ignored,
+    ListQuery,
     Status,
     StatusEvent,
 )
@@ -65,12 +67,12 @@ async def test_create_get_delete(store: Store) -> None:
     assert stored is not None and stored.id == envelope.id
     assert stored.to_value() == envelope.to_value()
     assert await store.get(make(2).id) is None
-    assert (await store.list(Status.PENDING, 10, 0))[1] == 1
+    assert (await store.list(ListQuery(statuses=(Status.PENDING,), limit=10)))[1] == 1
     assert await store.delete(envelope.id) is True
     assert await store.delete(envelope.id) is False
     assert await store.get(envelope.id) is None
-    assert await store.list(None, 10, 0) == ([], 0)
-    assert await store.list(Status.PENDING, 10, 0) == ([], 0)
+    assert await store.list(ListQuery(limit=10)) == ([], 0)
+    assert await store.list(ListQuery(statuses=(Status.PENDING,), limit=10)) == ([], 0)
 
 
 async def test_update_applies_rules(store: Store) -> None:
@@ -100,15 +102,51 @@ async def test_list_newest_first_filter_and_total(store: Store) -> None:
     for n in range(1, 8):
         await store.create(make(n))
     await store.update(make(3).id, StatusEvent(status=Status.RUNNING), T0)
-    page, total = await store.list(None, 3, 1)
+    page, total = await store.list(ListQuery(limit=3, offset=1))
     assert total == 7
     assert [e.id for e in page] == [make(n).id for n in (6, 5, 4)]
-    running, total = await store.list(Status.RUNNING, 10, 0)
+    running, total = await store.list(ListQuery(statuses=(Status.RUNNING,), limit=10))
     assert total == 1 and running[0].id == make(3).id
-    empty, total = await store.list(Status.CANCELED, 10, 0)
+    empty, total = await store.list(ListQuery(statuses=(Status.CANCELED,), limit=10))
     assert (empty, total) == ([], 0)
-    tail, total = await store.list(None, 10, 6)
+    tail, total = await store.list(ListQuery(limit=10, offset=6))
     assert [e.id for e in tail] == [make(1).id] and total == 7
+
+
+async def test_list_filters_and_cursor_pages(store: Store) -> None:
+    for n in range(1, 10):
+        await store.create(make(n, actor="a" if n % 2 else "b"))
+    for n in (2, 3, 5):
+        await store.update(make(n).id, StatusEvent(status=Status.RUNNING), T0)
+    await store.update(make(4).id, StatusEvent(status=Status.PAUSED), T0)
+    # Stored rows (the state proxy stamps its own created_at), newest first.
+    everything, total = await store.list(ListQuery(limit=100))
+    assert total == 9 and len(everything) == 9
+    middle = everything[2].created_at, everything[6].created_at  # exclusive: 4 rows between
+    queries = [
+        ListQuery(actor="a"),
+        ListQuery(statuses=(Status.PAUSED, Status.RUNNING)),
+        ListQuery(actor="b", statuses=(Status.PAUSED, Status.RUNNING)),
+        ListQuery(created_after=middle[1], created_before=middle[0]),
+        ListQuery(actor="a", created_before=middle[0]),
+        ListQuery(statuses=(Status.PENDING,), created_after=middle[1]),
+    ]
+    for query in queries:
+        expected = [e.id for e in everything if query.matches(e)]
+        page, total = await store.list(query)
+        assert ([e.id for e in page], total) == (expected, len(expected)), query
+        seen: list[str] = []
+        paged = attrs.evolve(query, limit=2)
+        while True:
+            rows, total = await store.list(attrs.evolve(paged, limit=3))
+            assert total == len(expected)
+            seen.extend(e.id for e in rows[:2])
+            token = paged.next_cursor(rows)
+            if token is None:
+                break
+            paged = ListQuery.parse(f"cursor={token}&limit=2")
+            paged = attrs.evolve(query, limit=2, cursor=paged.cursor)
+        assert seen == expected, query
 
 
 async def test_list_ties_by_id(store: Store) -> None:
@@ -123,7 +161,7 @@ async def test_list_ties_by_id(store: Store) -> None:
     ]
     for envelope in same:
         await store.create(envelope)
-    page, _ = await store.list(None, 10, 0)
+    page, _ = await store.list(ListQuery(limit=10))
     assert len(page) == 3
     assert page == sorted(page, key=lambda e: (e.created_at, e.id), reverse=True)
 

@@ -20,6 +20,8 @@
 #   $exists                       value ? 'f'                (value must be an object)
 #   $contains                     string operand: substring of a string field or element of an
 #                                 array field; any other operand: J @> operand
+#   a column (key, created_at,    $gt $gte $lt $lte only:    `created_at < $1::timestamptz`,
+#   updated_at)                                              `key < $1` (database collation)
 #
 # Comparisons never cast: a string stored where a number is compared is simply not matched, so no
 # stored value can turn a query into a 500. Strings compare bytewise, which orders fixed-format
@@ -33,10 +35,12 @@ from collections.abc import Sequence
 
 import attrs
 
+import mesh_proto
 from mesh_proto import Condition, Query, SortKey
 
-#: Columns of the kv table that `sort` may name directly; any other name is a field of `value`.
-COLUMNS = frozenset({"key", "created_at", "updated_at"})
+#: Columns of the kv table that `sort` and `filter` name directly; any other name is a field of
+#: `value`. (A bound on `key` compares in the database collation, as ``ORDER BY key`` does.)
+COLUMNS = mesh_proto.COLUMNS
 
 _RFC3339 = '\'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\''
 
@@ -152,6 +156,10 @@ class _Params:
 
 def _condition(params: _Params, condition: Condition) -> str:
     field, op, arg = condition.field, condition.op, condition.operand
+    if field in COLUMNS:  # `Query` admits only bounds, with a string operand
+        cast = "" if field == "key" else "::timestamptz"
+        assert op is not None, field
+        return f"{field} {_COMPARE[op]} {params.text(arg)}{cast}"
     j, t = field_json(field), field_text(field)
     if op is None or (op == "$eq" and isinstance(arg, _SCALARS)):
         return f"value @> {params.json({field: arg})}"

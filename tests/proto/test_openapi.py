@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -22,7 +23,11 @@ from mesh_proto import (
     Router,
     openapi_document,
     parse_event,
+    parse_wait,
 )
+from mesh_proto._requests import Cursor
+
+from ._support import ID, T0, envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,10 +169,29 @@ def test_the_event_schema_agrees_with_the_parser(event: Any) -> None:
 
 QUERIES = {
     "actor": ["a", "a-b.c_d", "A" * 63, "", "-a", "a" * 64, "a b"],
-    "status": ["running", "canceled", "Running", "done"],
+    "status": ["running", "canceled", "Running", "done", "running,paused", "running,", ","],
+    "created_after": [
+        "2026-11-28T14:24:06Z",
+        "2026-11-28T14:24:06.123456+01:00",
+        "2026-11-28T14:24:06+05:53:28",
+        "2026-11-28T14:24:06",
+        "2026-11-28",
+        "yesterday",
+    ],
+    "created_before": ["2026-11-28T14:24:06.5Z", "2026-11-28 14:24:06Z", "2026-11-28t14:24:06Z"],
+    "cursor": [
+        Cursor(created_at=T0, id=ID).encode(),
+        "0." + ID,
+        ID,
+        "1." + ID.upper(),
+        "x." + ID,
+        "1" * 18 + "." + ID,
+    ],
     "limit": [1, 1000, 0, 1001],
     "offset": [0, 10**18 - 1, -1, 10**18],
 }
+
+WAITS = [0, 0.5, 60, 1.5e-07, -1, 60.5, "abc"]
 
 
 def parameter(document: dict[str, Any], path: str, method: str, name: str) -> Any:
@@ -190,7 +214,21 @@ def test_query_parameters_agree_with_the_parsers(name: str, value: Any) -> None:
         assert namespace == accepted(CreateRequest.parse, f"actor=a&namespace={value}", b"")
         return
     valid = parameter(document, "/mesh/", "get", name).is_valid(value)
-    assert valid == accepted(ListQuery.parse, f"{name}={value}")
+    assert valid == accepted(ListQuery.parse, f"{name}={quote(str(value), safe='')}")
+
+
+@pytest.mark.parametrize("value", WAITS)
+def test_the_wait_parameter_agrees_with_its_parser(value: Any) -> None:
+    valid = parameter(openapi_document(""), "/mesh/{id}", "get", "wait").is_valid(value)
+    assert valid == accepted(parse_wait, f"wait={value}")
+
+
+def test_the_next_cursor_of_a_list_is_a_valid_cursor() -> None:
+    token = ListQuery(limit=1).next_cursor([envelope(), envelope()])
+    assert schema(openapi_document(""), "EnvelopeList").is_valid(
+        {"messages": [], "total": 0, "next_cursor": token}
+    )
+    assert accepted(ListQuery.parse, f"cursor={token}")
 
 
 def generator() -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -29,10 +30,13 @@ from mesh_proto import (
     parse_event,
     parse_id,
     parse_query,
+    parse_wait,
 )
-from mesh_proto._requests import MAX_TIMEOUT
+from mesh_proto._requests import MAX_TIMEOUT, Cursor
 
-from ._support import ID
+from ._support import ID, OTHER_ID, T0, envelope, later
+
+CURSOR = Cursor(created_at=T0, id=ID).encode()
 
 
 def body(value: Any) -> bytes:
@@ -183,14 +187,14 @@ def test_check_body_size() -> None:
     [
         pytest.param(q, e, id=f"bytes:{q.decode()}" if isinstance(q, bytes) else q or "empty")
         for q, e in [
-            ("", ListQuery(status=None, limit=100, offset=0)),
+            ("", ListQuery(statuses=(), limit=100, offset=0)),
             (b"", ListQuery()),
-            ("status=pending", ListQuery(status=Status.PENDING)),
-            ("status=running", ListQuery(status=Status.RUNNING)),
-            ("status=paused", ListQuery(status=Status.PAUSED)),
-            ("status=succeeded", ListQuery(status=Status.SUCCEEDED)),
-            ("status=failed", ListQuery(status=Status.FAILED)),
-            ("status=canceled", ListQuery(status=Status.CANCELED)),
+            ("status=pending", ListQuery(statuses=(Status.PENDING,))),
+            ("status=running", ListQuery(statuses=(Status.RUNNING,))),
+            ("status=paused", ListQuery(statuses=(Status.PAUSED,))),
+            ("status=succeeded", ListQuery(statuses=(Status.SUCCEEDED,))),
+            ("status=failed", ListQuery(statuses=(Status.FAILED,))),
+            ("status=canceled", ListQuery(statuses=(Status.CANCELED,))),
             ("limit=1", ListQuery(limit=1)),
             ("limit=1000", ListQuery(limit=1000)),
             ("limit=007", ListQuery(limit=7)),
@@ -199,8 +203,29 @@ def test_check_body_size() -> None:
             ("limit=5&limit=7", ListQuery(limit=7)),
             (
                 "status=failed&limit=10&offset=20&x=y",
-                ListQuery(status=Status.FAILED, limit=10, offset=20),
+                ListQuery(statuses=(Status.FAILED,), limit=10, offset=20),
             ),
+            (
+                "status=running,paused,running",
+                ListQuery(statuses=(Status.PAUSED, Status.RUNNING)),
+            ),
+            ("actor=echo", ListQuery(actor="echo")),
+            (
+                "created_after=0001-01-01T00:00:00%2B01:00&created_before=9999-12-31T23:00:00-02:00",
+                ListQuery(
+                    created_after=datetime.min.replace(tzinfo=UTC),
+                    created_before=datetime.max.replace(tzinfo=UTC),
+                ),
+            ),
+            (
+                "created_after=2026-11-28T14:24:06.123456Z&created_before=2026-11-28T15:24:06%2B01:00",
+                ListQuery(created_after=T0, created_before=T0.replace(microsecond=0)),
+            ),
+            (
+                f"cursor={CURSOR}&limit=3",
+                ListQuery(cursor=Cursor(created_at=T0, id=ID), limit=3),
+            ),
+            (f"cursor={CURSOR}&offset=0", ListQuery(cursor=Cursor(created_at=T0, id=ID))),
         ]
     ],
 )
@@ -234,6 +259,20 @@ def test_list_accepts(query: str | bytes, expected: ListQuery) -> None:
             ("offset=", "offset must be an integer"),
             ("offset=0x10", "offset must be an integer"),
             ("limit=%FF", "invalid query string"),
+            ("status=running,", "invalid status ''"),
+            ("status=running,Paused", "invalid status 'Paused'"),
+            ("actor=", "missing actor"),
+            ("actor=a%20b", "invalid actor"),
+            ("created_after=yesterday", "created_after must be an RFC 3339 timestamp"),
+            ("created_after=2026-02-30T00:00:00Z", "created_after must be an RFC 3339"),
+            ("created_before=2026-11-28T14:24:06", "created_before must be an RFC 3339"),
+            ("cursor=", "invalid cursor"),
+            ("cursor=%%%", "invalid cursor"),
+            ("cursor=!!!!", "invalid cursor"),
+            ("cursor=_w", "invalid cursor"),  # not UTF-8 once decoded
+            ("cursor=eA", "invalid cursor"),  # one field
+            ("cursor=eCB5", "invalid cursor"),  # `x y`: not a timestamp
+            (f"cursor={CURSOR}&offset=1", "cursor and offset cannot be used together"),
         ]
     ],
 )
@@ -460,3 +499,60 @@ def test_fuzz_id(raw: str) -> None:
 def test_fuzz_query(query: str | bytes) -> None:
     result = only_client_errors(parse_query, query)
     assert isinstance(result, dict | BadRequest)
+
+
+def test_cursor_token_is_opaque_urlsafe_and_round_trips() -> None:
+    assert CURSOR.isascii() and "=" not in CURSOR and "+" not in CURSOR and "/" not in CURSOR
+    assert Cursor.decode(CURSOR) == Cursor(created_at=T0, id=ID)
+
+
+def test_next_cursor_names_the_last_row_of_a_page_only_when_another_follows() -> None:
+    rows = [envelope(envelope_id=ID, created_at=later(2)), envelope(envelope_id=OTHER_ID)]
+    assert ListQuery(limit=2).next_cursor(rows) is None
+    assert ListQuery(limit=2).next_cursor(rows[:1]) is None
+    token = ListQuery(limit=1).next_cursor(rows)
+    assert token is not None and Cursor.decode(token) == Cursor(created_at=later(2), id=ID)
+
+
+@pytest.mark.parametrize(
+    ("query", "matched"),
+    [
+        (ListQuery(), True),
+        (ListQuery(actor="echo"), True),
+        (ListQuery(actor="other"), False),
+        (ListQuery(statuses=(Status.PENDING, Status.RUNNING)), True),
+        (ListQuery(statuses=(Status.RUNNING,)), False),
+        (ListQuery(created_after=later(-1), created_before=later(1)), True),
+        (ListQuery(created_after=T0), False),
+        (ListQuery(created_before=T0), False),
+    ],
+)
+def test_list_query_matches_its_filters(query: ListQuery, matched: bool) -> None:
+    assert query.matches(envelope()) is matched
+
+
+@pytest.mark.parametrize(
+    ("query", "seconds"),
+    [
+        ("", 0.0),
+        ("wait=0", 0.0),
+        ("wait=0.25", 0.25),
+        ("wait=60", 60.0),
+        ("x=1&wait=1.5", 1.5),
+        ("wait=1e1", 10.0),
+        ("wait=1.5e-07", 1.5e-07),
+        ("wait=.5", 0.5),
+    ],
+)
+def test_parse_wait_accepts(query: str, seconds: float) -> None:
+    assert parse_wait(query) == seconds
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["wait=", "wait=-1", "wait=60.001", "wait=61", "wait=1e2", "wait=inf", "wait=nan", "wait=x",
+     "wait=" + "0" * 41],
+)  # fmt: skip
+def test_parse_wait_rejects(query: str) -> None:
+    with pytest.raises(BadRequest, match="wait must be a number of seconds from 0 to 60"):
+        parse_wait(query)

@@ -26,6 +26,7 @@ from mesh_proto import (
     Applied,
     Envelope,
     Ignored,
+    ListQuery,
     Outcome,
     PayloadTooLarge,
     Published,
@@ -134,12 +135,12 @@ def test_put_request(if_status: str | None, target: str) -> None:
         (query_request(prefix="", limit=0, offset=0), {"prefix": "", "filter": {}, "sort": [],
                                                        "limit": 0}),
         (
-            list_request(None, 100, 0),
+            list_request(ListQuery()),
             {"prefix": "msg/", "filter": {}, "sort": ["-created_at", "-key"], "limit": 100,
              "count": True},
         ),
         (
-            list_request(Status.RUNNING, 10, 20),
+            list_request(ListQuery(statuses=(Status.RUNNING,), limit=10, offset=20)),
             {"prefix": "msg/", "filter": {"status": "running"}, "sort": ["-created_at", "-key"],
              "limit": 10, "offset": 20, "count": True},
         ),
