@@ -200,6 +200,41 @@ def read_rows(reply: StoreReply) -> tuple[list[Envelope], int | None]:
     return envelopes, total if type(total) is int else None
 
 
+def purge_request(cutoff: datetime, limit: int) -> StoreRequest:
+    """`POST /delete` of the retention sweep: up to `limit` terminal envelopes whose
+    `updated_at` is before `cutoff` (`DELETE_QUERY` in the proxy's features).
+
+    Unsorted on purpose: the proxy then deletes whichever match it finds first, which its
+    planner serves by the `updated_at` index or a scan that stops after `limit` matches."""
+    terminal = sorted(s.value for s in TERMINAL)
+    return delete_query_request(
+        prefix=KEY_PREFIX,
+        filter={"status": {"$in": terminal}, "updated_at": {"$lt": format_time(cutoff)}},
+        limit=limit,
+    )
+
+
+def delete_query_request(*, prefix: str, filter: Mapping[str, Any], limit: int) -> StoreRequest:
+    """`POST /delete` of up to `limit` records under `prefix` that match `filter`.
+
+    Raises:
+        BadRequest: as `query_request`.
+    """
+    query = Query.build(prefix=prefix, filter=filter, limit=limit)
+    return StoreRequest(method="POST", target="/delete", headers=JSON_HEADERS, body=query.to_body())
+
+
+def read_deleted(reply: StoreReply) -> int:
+    """How many records a `POST /delete` removed (``{"deleted": N}``)."""
+    if reply.status != 200:
+        raise _fail(reply, "delete query")
+    body = loads(reply.body, error=StoreProtocolError, what="store reply")
+    deleted = body.get("deleted") if isinstance(body, dict) else None
+    if type(deleted) is not int or deleted < 0:
+        raise StoreProtocolError("state proxy delete reply has no count")
+    return deleted
+
+
 def create_envelope(envelope: Envelope) -> Generator[StoreRequest, StoreReply, None]:
     """Store a new envelope (an unconditional PUT).
 

@@ -61,6 +61,8 @@ FEATURES_HEADER: Final = "asya-state-proxy-features"
 REV_GUARD: Final = "if_rev"
 # The feature (and parameter) of the create-if-absent write, `PUT /keys/{key}?if_absent=1`.
 IF_ABSENT: Final = "if_absent"
+#: The feature name of the bounded delete-by-query (`POST /delete`).
+DELETE_QUERY: Final = "delete"
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")

@@ -46,15 +46,18 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-_UNITS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# Go's units, and `d` (not Go's) so that a retention period reads naturally as `7d`.
+_UNITS: Final = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0
+}  # fmt: skip
+_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
 _NAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from `"5s"`, `"500ms"`, `"1m30s"` or `"2.5"`.
+    """Seconds from `"5s"`, `"500ms"`, `"1m30s"`, `"7d"` or `"2.5"`.
 
     Raises:
         ValueError: not a duration, or negative / not finite.
@@ -98,6 +101,13 @@ def _duration(name: str, raw: str) -> float:
     if value <= 0:
         raise ConfigError(f"{name}={raw!r}: must be greater than zero")
     return value
+
+
+def _retention(name: str, raw: str) -> float | None:
+    """A retention period, or None (off) for `0` / `off`."""
+    if raw.lower() in ("0", "off"):
+        return None
+    return _duration(name, raw)
 
 
 def _flag(name: str, raw: str) -> bool:
@@ -266,6 +276,23 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         parse=_duration,
     ),
     Setting(
+        env="ASYA_MESH_RETENTION",
+        field="retention",
+        default=None,
+        meaning=(
+            "delete terminal envelopes not updated for this long, e.g. `7d` (docs/operations.md)"
+        ),
+        parse=_retention,
+        shown="off",
+    ),
+    Setting(
+        env="ASYA_MESH_RETENTION_INTERVAL",
+        field="retention_interval",
+        default="1m",
+        meaning="how often the retention sweep runs",
+        parse=_duration,
+    ),
+    Setting(
         env="ASYA_MESH_IDEMPOTENCY_TTL",
         field="idempotency_ttl",
         default="24h",
@@ -357,6 +384,8 @@ class Config:
     sqs_region: str | None = None
     sqs_endpoint: str | None = None
     backstop_interval: float = 5.0
+    retention: float | None = None
+    retention_interval: float = 60.0
     sse_keepalive: float = 15.0
     idempotency_ttl: float = 24 * 3600.0
     log_level: str = "info"

@@ -219,6 +219,11 @@ class MeshMetrics:
             "backstop rounds that found the store unavailable",
             registry=registry,
         )
+        self.retention_deleted = Counter(
+            "asya_mesh_retention_deleted",
+            "terminal envelopes the retention sweep deleted (ASYA_MESH_RETENTION)",
+            registry=registry,
+        )
 
     def watch_broadcaster(self, broadcaster: Broadcaster) -> None:
         """Report the fan-out's `statistics()` when scraped (once per instance)."""

@@ -29,6 +29,8 @@ from typing import TypeVar
 import attrs
 
 from mesh_proto import (
+    CLAIM_PREFIX,
+    DELETE_QUERY,
     IF_ABSENT,
     REV_GUARD,
     Applied,
@@ -45,13 +47,17 @@ from mesh_proto import (
     check_health,
     claim_envelope,
     create_envelope,
+    delete_query_request,
     delete_request,
     dumps,
     envelope_key,
     expired_request,
+    format_time,
     get_request,
     health_request,
     list_envelopes,
+    purge_request,
+    read_deleted,
     read_envelope,
     read_rows,
     update_status,
@@ -205,6 +211,28 @@ class ProxyStore:
     async def expired(self, now: datetime, limit: int) -> Sequence[Envelope]:
         envelopes, _ = read_rows(await self._send(expired_request(now, limit)))
         return envelopes
+
+    async def purges(self) -> bool:
+        """Whether the proxy offers `POST /delete` (`DELETE_QUERY`); asks it once if unknown.
+
+        Raises:
+            ServiceError: the proxy does not answer.
+        """
+        if self.features is None:
+            await self.ping()
+        return self.features is not None and DELETE_QUERY in self.features
+
+    async def purge(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to `limit` terminal envelopes last updated before `cutoff`, in one
+        statement of the proxy; 0 while another replica's purge holds the turn."""
+        return read_deleted(await self._send(purge_request(cutoff, limit)))
+
+    async def purge_claims(self, now: datetime, limit: int) -> int:
+        """Delete up to `limit` idempotency claims expired at `now` (`expires_at`, fixed-width
+        RFC 3339 text, compares as a string)."""
+        expired = {"expires_at": {"$lte": format_time(now)}}
+        request = delete_query_request(prefix=CLAIM_PREFIX, filter=expired, limit=limit)
+        return read_deleted(await self._send(request))
 
     async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
         """The claim through `IF_ABSENT`; a proxy without it (the Go one would take

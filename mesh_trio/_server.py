@@ -21,7 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -37,6 +37,7 @@ from ._hub import Hub
 from ._mesh import Mesh
 from ._metrics import MeshMetrics, MeteredStore
 from ._observability import TracedStore, open_tracing
+from ._retention import Purging, run_retention
 from ._store import Store, open_embedded_store
 from ._web import InternalApp, external_app
 from .transports import MemoryQueues, open_transport
@@ -142,6 +143,9 @@ async def serve(
         # Entered first, so it is left last: spans of the drain are still exported.
         otel = await stack.enter_async_context(open_tracing(os.environ))
         store: Store = await stack.enter_async_context(open_store(config))
+        # The retention sweep uses the store itself, not the metered and traced one: its
+        # batches are not API calls. Every store `open_store` yields can purge.
+        purging = cast(Purging, store)
         metrics = MeshMetrics()
         metrics.watch_store(store)
         store = MeteredStore(store, metrics)
@@ -186,6 +190,16 @@ async def serve(
                 mesh.gateway_url = f"http://127.0.0.1:{bound.internal_port}"
             async with trio.open_nursery() as workers:
                 workers.start_soon(run_backstop, mesh, config.backstop_interval)
+                if config.retention is not None:
+                    retention = partial(
+                        run_retention,
+                        purging,
+                        metrics,
+                        retention=config.retention,
+                        interval=config.retention_interval,
+                        clock=mesh.clock,
+                    )
+                    workers.start_soon(retention)
                 if config.demo_actors and isinstance(dispatcher, MemoryQueues):
                     workers.start_soon(
                         partial(

@@ -92,7 +92,8 @@ class MemoryStore:
 
     `_order` holds every envelope's `(created_at, id)` in ascending order, and `_by_status` the
     same per status, so a newest-first page is a slice from the end (a status change moves one
-    entry between two lists). Live envelopes with a deadline are kept apart for the backstop.
+    entry between two lists). Live envelopes with a deadline are kept apart for the backstop,
+    and terminal ones in `_ended` by `(updated_at, id)`, oldest first, for the retention sweep.
     """
 
     _envelopes: dict[str, Envelope] = attrs.field(factory=dict)
@@ -102,6 +103,7 @@ class MemoryStore:
     _by_status: dict[Status, list[tuple[datetime, str]]] = attrs.field(
         factory=lambda: {status: [] for status in Status}
     )
+    _ended: list[tuple[datetime, str]] = attrs.field(factory=list)
 
     async def ping(self) -> None:
         return None
@@ -120,6 +122,10 @@ class MemoryStore:
             self._deadlines[envelope.id] = envelope
         else:
             self._deadlines.pop(envelope.id, None)
+        if old is not None and old.terminal:
+            _remove(self._ended, (old.updated_at, old.id))
+        if envelope.terminal:
+            bisect.insort(self._ended, (envelope.updated_at, envelope.id))
 
     async def create(self, envelope: Envelope) -> None:
         self._put(envelope)
@@ -143,7 +149,16 @@ class MemoryStore:
             return False
         _remove(self._order, _newest_first(envelope))
         _remove(self._by_status[envelope.status], _newest_first(envelope))
+        if envelope.terminal:
+            _remove(self._ended, (envelope.updated_at, envelope.id))
         return True
+
+    async def purge(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to `limit` terminal envelopes last updated before `cutoff`, oldest first."""
+        doomed = self._ended[: min(bisect.bisect_left(self._ended, (cutoff, "")), limit)]
+        for _, envelope_id in doomed:
+            await self.delete(envelope_id)
+        return len(doomed)
 
     async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
         # One sorted index per status asked for (or all of them), cut to the time bounds by
@@ -239,6 +254,8 @@ CREATE INDEX IF NOT EXISTS envelopes_created ON envelopes (created_at DESC, id D
 CREATE INDEX IF NOT EXISTS envelopes_status ON envelopes (status, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS envelopes_live_deadline ON envelopes (deadline_at)
     WHERE deadline_at IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'canceled');
+CREATE INDEX IF NOT EXISTS envelopes_ended ON envelopes (updated_at)
+    WHERE status IN ('succeeded', 'failed', 'canceled');
 CREATE TABLE IF NOT EXISTS claims (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -246,6 +263,16 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 CREATE INDEX IF NOT EXISTS claims_expires ON claims (expires_at);
 """
+
+
+# The retention sweep's batch. The statuses are spelled out as in the partial index's predicate,
+# which SQLite needs to use it; INDEXED BY holds the planner to it even before any ANALYZE (on
+# an empty file it would pick `envelopes_status` and sort every terminal envelope).
+PURGE = (
+    "DELETE FROM envelopes WHERE id IN (SELECT id FROM envelopes INDEXED BY envelopes_ended"
+    " WHERE status IN ('succeeded', 'failed', 'canceled') AND updated_at < ?"
+    " ORDER BY updated_at LIMIT ?)"
+)
 
 
 @attrs.define(eq=False)
@@ -357,6 +384,10 @@ class SqliteStore:
             (*sorted(str(s) for s in TERMINAL), format_time(now), limit),
         ).fetchall()
         return [self._row(r) for r in rows]
+
+    async def purge(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to `limit` terminal envelopes last updated before `cutoff`, oldest first."""
+        return self._db.execute(PURGE, (format_time(cutoff), limit)).rowcount
 
     async def claim(self, key: str, claim: Claim, now: datetime) -> Claim | None:
         # One statement: inserted, or replacing an expired claim, or (rowcount 0) left alone;

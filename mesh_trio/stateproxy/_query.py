@@ -23,6 +23,16 @@
 #   a column (key, created_at,    $gt $gte $lt $lte only:    `created_at < $1::timestamptz`,
 #   updated_at)                                              `key < $1` (database collation)
 #
+# `POST /delete` takes the same body and deletes what the page would list, in one statement:
+# ``DELETE FROM kv WHERE key IN (SELECT key ... ORDER BY ... LIMIT n FOR UPDATE SKIP LOCKED)``,
+# which needs a `limit` (at most `MAX_DELETE`) and takes no `offset` or `count`; without a
+# `sort` it takes any `limit` matches, which lets the planner stop a scan early (with a sort it
+# may have to sort every match first: PostgreSQL cannot see through ``LockRows``). The statement
+# first tries a transaction-scoped advisory lock named after the prefix
+# (``pg_try_advisory_xact_lock``, evaluated once as an InitPlan): while one client's delete on a
+# prefix runs, another's deletes nothing and returns at once, so replicas sweeping together
+# take turns instead of fighting over the same rows.
+#
 # Comparisons never cast: a string stored where a number is compared is simply not matched, so no
 # stored value can turn a query into a 500. Strings compare bytewise, which orders fixed-format
 # RFC 3339 UTC timestamps chronologically whatever the database collation; the expression indexes
@@ -36,7 +46,7 @@ from collections.abc import Sequence
 import attrs
 
 import mesh_proto
-from mesh_proto import Condition, Query, SortKey
+from mesh_proto import BadRequest, Condition, Query, SortKey
 
 #: Columns of the kv table that `sort` and `filter` name directly; any other name is a field of
 #: `value`. (A bound on `key` compares in the database collation, as ``ORDER BY key`` does.)
@@ -52,6 +62,9 @@ ROW_JSON = (
     f"'updated_at', to_char(updated_at AT TIME ZONE 'UTC', {_RFC3339})"
     ")::text"
 )
+
+#: Most records one `POST /delete` may remove: a bound on the statement's time and locks.
+MAX_DELETE = 10_000
 
 _COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _SCALARS = (str, int, float, bool, type(None))
@@ -115,10 +128,7 @@ def compile_query(body: bytes) -> CompiledQuery:
 def compile_model(query: Query) -> CompiledQuery:
     """The statements of a validated query; never raises."""
     params = _Params()
-    conditions: list[str] = []
-    if query.prefix:
-        conditions.append(f"key LIKE {params.text(escape_like(query.prefix))}")
-    conditions.extend(_condition(params, c) for c in query.filter)
+    conditions = _conditions(params, query)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
     where_params = tuple(params.values)
     paging = ""
@@ -134,6 +144,39 @@ def compile_model(query: Query) -> CompiledQuery:
     if query.count:
         counter = Statement(f"SELECT count(*)::text FROM kv{where}".encode(), where_params)
     return CompiledQuery(page=page, count=counter)
+
+
+def compile_delete(body: bytes) -> Statement:
+    """Compile a `POST /delete` body: the statement deleting (at most `limit`) matching records.
+
+    Raises:
+        BadRequest: the body is not a valid query, has no `limit` or one above `MAX_DELETE`,
+            or asks for an `offset` or a `count`.
+    """
+    query = Query.parse(body)
+    if not query.limit or query.limit > MAX_DELETE:
+        raise BadRequest(f"delete needs a limit from 1 to {MAX_DELETE}")
+    if query.offset or query.count:
+        raise BadRequest("delete takes no offset and no count")
+    params = _Params()
+    lock = params.text(f"asya-state-proxy delete {query.prefix}")
+    conditions = ["(SELECT held FROM turn)", *_conditions(params, query)]
+    limit = params.text(str(query.limit))
+    order = f" ORDER BY {_order_by(query.sort)}" if query.sort else ""
+    sql = (
+        f"WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(hashtext({lock})) AS held) "
+        f"DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE {' AND '.join(conditions)}"
+        f"{order} LIMIT {limit}::bigint FOR UPDATE SKIP LOCKED)"
+    )
+    return Statement(sql.encode(), tuple(params.values))
+
+
+def _conditions(params: _Params, query: Query) -> list[str]:
+    conditions: list[str] = []
+    if query.prefix:
+        conditions.append(f"key LIKE {params.text(escape_like(query.prefix))}")
+    conditions.extend(_condition(params, c) for c in query.filter)
+    return conditions
 
 
 class _Params:

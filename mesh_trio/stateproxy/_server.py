@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from mesh_proto import (
+    DELETE_QUERY,
     FEATURES_HEADER,
     IF_ABSENT,
     REV_GUARD,
@@ -48,7 +49,7 @@ from ._errors import Conflict, StartupError, StoreUnavailable
 from ._http import HttpServer, Request, Response
 from ._metrics import ProxyMetrics, serve_metrics
 from ._pg import PgPool
-from ._query import compile_query
+from ._query import compile_delete, compile_query
 from ._settings import check_indexes, check_pg_url
 from ._store import Database, KvStore
 
@@ -64,7 +65,7 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_PG_TIMEOUT = 30.0
 
 #: What this proxy adds to the Asya protocol, as its health reply lists them.
-FEATURES = (REV_GUARD, IF_ABSENT)
+FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT)
 
 _KEYS = b"/keys/"
 _NO_CONTENT = Response(status=204)
@@ -117,6 +118,11 @@ class Router:
                 tail = b"null" if total is None else str(total).encode()
                 body = b'{"rows":[' + b",".join(rows) + b'],"total":' + tail + b"}"
                 return Response(status=200, body=body)
+            if path == b"/delete":
+                if method != b"POST":
+                    return _not_allowed((b"POST",))
+                deleted = await self.store.delete_matching(compile_delete(request.body))
+                return Response(status=200, body=b'{"deleted":%d}' % deleted)
             if path == b"/healthz":
                 if method not in (b"GET", b"HEAD"):
                     return _not_allowed((b"GET", b"HEAD"))

@@ -26,7 +26,7 @@ from mesh_proto import REVISION_KEY
 
 from ._errors import BadRequest, PgError
 from ._pg import Rows
-from ._query import ROW_JSON, CompiledQuery, escape_like, field_text
+from ._query import ROW_JSON, CompiledQuery, Statement, escape_like, field_text
 
 _GET = f"SELECT {ROW_JSON} FROM kv WHERE key = $1".encode()
 _EXISTS = b"SELECT 1 FROM kv WHERE key = $1"
@@ -65,6 +65,9 @@ GIN_INDEX = "kv_value_gin"
 # Newest-first pages (the mesh API's list: `ORDER BY created_at DESC, key DESC LIMIT n`) walk
 # this index backwards and stop after n rows, instead of sorting the whole table.
 CREATED_INDEX = "kv_created_key"
+# `POST /delete` with `updated_before` and sort `updated_at` (the retention sweep) walks this
+# index from the oldest update and stops after `limit` matches (EXPLAIN in docs/stateproxy.md).
+UPDATED_INDEX = "kv_updated_key"
 
 # Client data that PostgreSQL refuses is the client's mistake: data exceptions (bad JSON, bad
 # Unicode) and program limits (a value too large for an index row).
@@ -106,7 +109,11 @@ class KvStore:
         await self.db.execute_script(f"BEGIN; {_SCHEMA_LOCK}; {_TABLE}; COMMIT".encode())
         rows = await self.db.execute(_INDEX_NAMES, retry=True)
         existing = {v.decode() for v in rows.values if v is not None}
-        wanted = {GIN_INDEX: "USING gin (value)", CREATED_INDEX: "(created_at, key)"}
+        wanted = {
+            GIN_INDEX: "USING gin (value)",
+            CREATED_INDEX: "(created_at, key)",
+            UPDATED_INDEX: "(updated_at, key)",
+        }
         wanted.update({index_name(f): f"({field_text(f)})" for f in indexes})
         missing = [
             f"CREATE INDEX IF NOT EXISTS {name} ON kv {how}"
@@ -192,6 +199,11 @@ class KvStore:
             total = int(counted.values[0] or b"0")
         page = await self._execute(query.page.sql, query.page.params)
         return [v for v in page.values if v is not None], total
+
+    async def delete_matching(self, statement: Statement) -> int:
+        """Run a compiled `/delete`; returns how many records it removed."""
+        rows = await self._execute(statement.sql, statement.params, retry=False)
+        return rows.affected
 
     async def _run(
         self,

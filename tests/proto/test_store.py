@@ -44,6 +44,7 @@ from mesh_proto import (
     check_health,
     check_write,
     create_envelope,
+    delete_query_request,
     delete_request,
     dumps,
     envelope_key,
@@ -51,8 +52,10 @@ from mesh_proto import (
     get_request,
     health_request,
     list_request,
+    purge_request,
     put_request,
     query_request,
+    read_deleted,
     read_envelope,
     read_rows,
     update_status,
@@ -351,6 +354,47 @@ def test_read_rows_garbage(body: Any, message: str) -> None:
 def test_read_rows_failures(status: int, raised: type[Exception]) -> None:
     with pytest.raises(raised, match="query: ") as caught:
         read_rows(reply(status, b'{"error": "bad filter"}'))
+    assert type(caught.value) is raised
+
+
+def test_purge_request_is_a_bounded_delete_of_old_terminal_envelopes() -> None:
+    request = purge_request(T0, 500)
+    assert (request.method, request.target, request.headers) == ("POST", "/delete", JSON)
+    assert request.body == dumps(
+        {"prefix": "msg/",
+         "filter": {"status": {"$in": ["canceled", "failed", "succeeded"]},
+                    "updated_at": {"$lt": "2026-11-28T14:24:06.123456+00:00"}},
+         "sort": [], "limit": 500}
+    )  # fmt: skip
+
+
+def test_delete_query_request() -> None:
+    request = delete_query_request(prefix="idem/", filter={"expires_at": {"$lte": STAMP}}, limit=9)
+    assert (request.method, request.target, request.headers) == ("POST", "/delete", JSON)
+    assert request.body == dumps(
+        {"prefix": "idem/", "filter": {"expires_at": {"$lte": STAMP}}, "sort": [], "limit": 9}
+    )
+
+
+def test_read_deleted() -> None:
+    assert read_deleted(reply(200, {"deleted": 3})) == 3
+    assert read_deleted(reply(200, {"deleted": 0})) == 0
+
+
+@pytest.mark.parametrize(
+    "body", [b"{", [], {}, {"deleted": -1}, {"deleted": True}, {"deleted": "3"}], ids=repr
+)
+def test_read_deleted_garbage(body: Any) -> None:
+    with pytest.raises(StoreProtocolError):
+        read_deleted(reply(200, body))
+
+
+@pytest.mark.parametrize(
+    ("status", "raised"), [(503, ServiceError), (404, StoreProtocolError)], ids=str
+)
+def test_read_deleted_failures(status: int, raised: type[Exception]) -> None:
+    with pytest.raises(raised, match="delete query: ") as caught:
+        read_deleted(reply(status, b'{"error": "no"}'))
     assert type(caught.value) is raised
 
 
