@@ -142,10 +142,13 @@ async def test_a_stream_opened_while_the_proxy_is_frozen_gets_its_snapshot(
         during.start_soon(frozen, process, PAUSE)
         during.start_soon(connect)
         during.start_soon(running)
-    reply = await mesh.status(envelope_id, "succeeded")
-    assert reply.status == 204, reply
     (stream,) = streams
     assert stream.status == 200
+    # The catch-up frame first: the stream reads its snapshot after sending the response head,
+    # so a terminal status posted before that would (rightly) be the snapshot itself.
+    await stream.wait_for(1, timeout=WAIT + PAUSE)
+    reply = await mesh.status(envelope_id, "succeeded")
+    assert reply.status == 204, reply
     events = await stream.wait_end(timeout=WAIT + PAUSE)
     statuses = [json.loads(e.data)["status"] for e in events]
     assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
