@@ -16,6 +16,7 @@ from ._errors import (
     ProtocolError,
     ServiceError,
     StoreProtocolError,
+    Unsupported,
 )
 from ._idempotency import (
     CLAIM_PREFIX,
@@ -100,6 +101,7 @@ from ._store import (
 from ._time import format_time, parse_time
 from ._trace import traceparent_for
 from ._wire import (
+    COLUMN_BOUNDS,
     COLUMN_OPERATORS,
     COLUMNS,
     DELETE_QUERY,
@@ -125,6 +127,7 @@ __all__ = [
     "CANCEL_EVENT",
     "CLAIM_PREFIX",
     "COLUMNS",
+    "COLUMN_BOUNDS",
     "COLUMN_OPERATORS",
     "CURSOR_PATTERN",
     "DEFAULT_IDEMPOTENCY_TTL",
@@ -187,6 +190,7 @@ __all__ = [
     "StoreProtocolError",
     "StoreReply",
     "StoreRequest",
+    "Unsupported",
     "apply_event",
     "catch_up_frame",
     "check_body_size",

@@ -48,6 +48,15 @@ class NotFound(ClientError):
     status_hint = 404
 
 
+class Unsupported(ClientError):
+    """The request needs something this deployment lacks (e.g. a state proxy feature): 501.
+
+    A `ClientError` although 5xx: nothing was changed and a retry cannot succeed.
+    """
+
+    status_hint = 501
+
+
 class MethodNotAllowed(ClientError):
     """Known path, wrong method; `headers` carries the `Allow` header."""
 

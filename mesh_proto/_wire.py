@@ -63,6 +63,9 @@ REV_GUARD: Final = "if_rev"
 IF_ABSENT: Final = "if_absent"
 #: The feature name of the bounded delete-by-query (`POST /delete`).
 DELETE_QUERY: Final = "delete"
+#: The feature name of filters on the `key` / `created_at` / `updated_at` columns (`COLUMNS`):
+#: a proxy without it (the Go one) would read them as value fields and answer wrong pages.
+COLUMN_BOUNDS: Final = "columns"
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")

@@ -30,6 +30,7 @@ import attrs
 
 from mesh_proto import (
     CLAIM_PREFIX,
+    COLUMN_BOUNDS,
     DELETE_QUERY,
     IF_ABSENT,
     REV_GUARD,
@@ -43,6 +44,7 @@ from mesh_proto import (
     StatusEvent,
     StoreReply,
     StoreRequest,
+    Unsupported,
     check_delete,
     check_health,
     claim_envelope,
@@ -205,6 +207,16 @@ class ProxyStore:
         return check_delete(await self._send(delete_request(envelope_key(envelope_id))))
 
     async def list(self, query: ListQuery) -> tuple[Sequence[Envelope], int]:
+        """A page of `query`. Time bounds and cursors filter on row columns, which a proxy
+        without `COLUMN_BOUNDS` (the Go one) would misread: 501 there instead of a wrong page."""
+        if query.created_after or query.created_before or query.cursor:
+            if self.features is None:
+                await self.ping()
+            if self.features is None or COLUMN_BOUNDS not in self.features:
+                raise Unsupported(
+                    "created_after, created_before and cursor need a state proxy with"
+                    " column filters (asya-state-proxy)"
+                )
         result, _ = await self._drive(list_envelopes(query))
         return result
 

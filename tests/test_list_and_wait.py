@@ -3,12 +3,17 @@ real sockets with the embedded store and through the state proxy."""
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
-from tests.harness import WAIT, MeshClient
+from mesh_proto import REV_GUARD
+from mesh_trio._proxy_store import ProxyStore
+from mesh_trio.stateproxy import serve_state_proxy
+from tests.harness import WAIT, MeshClient, start_mesh
 
 
 async def listed(mesh: MeshClient, query: str) -> dict[str, Any]:
@@ -174,3 +179,23 @@ async def test_create_answers_with_the_location_of_the_envelope(mesh: MeshClient
     assert location == mesh.path(reply.json()["id"])
     got = await mesh.ext("GET", location.removeprefix(mesh.path("")))
     assert (got.status, got.json()["id"]) == (200, reply.json()["id"])
+
+
+async def test_time_bounds_and_cursors_need_a_proxy_with_column_filters(
+    nursery: trio.Nursery, pg_url: str, short_dir: str
+) -> None:
+    """Against a proxy that lacks `columns` (the Go one reads them as value fields), the
+    requests that need them are a 501 instead of a wrong page; plain filters still work."""
+    path = os.path.join(short_dir, "proxy.sock")
+    await nursery.start(partial(serve_state_proxy, path, pg_url))
+    mesh = await start_mesh(nursery, ASYA_STATEPROXY_SOCKET=path)
+    await mesh.create()
+    store = mesh.bound.mesh.store
+    while not isinstance(store, ProxyStore):  # under the metrics (and tracing) wrappers
+        store = store.inner if hasattr(store, "inner") else store.store  # type: ignore[attr-defined]
+    store.features = frozenset({REV_GUARD})
+    for query in ("created_after=2026-01-01T00:00:00Z", "created_before=2099-01-01T00:00:00Z"):
+        reply = await mesh.ext("GET", f"?{query}")
+        assert reply.status == 501 and "column filters" in reply.json()["error"]
+    first = await mesh.ext("GET", "?status=pending&limit=1")
+    assert first.status == 200 and first.json()["total"] == 1

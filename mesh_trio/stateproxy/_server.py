@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from mesh_proto import (
+    COLUMN_BOUNDS,
     DELETE_QUERY,
     FEATURES_HEADER,
     IF_ABSENT,
@@ -65,7 +66,7 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_PG_TIMEOUT = 30.0
 
 #: What this proxy adds to the Asya protocol, as its health reply lists them.
-FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT)
+FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT, COLUMN_BOUNDS)
 
 _KEYS = b"/keys/"
 _NO_CONTENT = Response(status=204)
