@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
@@ -119,14 +120,7 @@ async def test_watch_json_prints_the_final_envelope(
     mesh: MeshClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     envelope_id = await mesh.create("tale")
-    async with trio.open_nursery() as nursery:
-        result: list[int] = []
-
-        async def watch() -> None:
-            result.append(await run("--url", url(mesh), "--json", "watch", envelope_id))
-
-        nursery.start_soon(watch)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "--json", "watch", envelope_id) as result:
         await mesh.fly(envelope_id, {"token": "not shown"})
         await mesh.status(envelope_id, "succeeded", {"result": "ok"})
     assert result == [0]
@@ -140,14 +134,7 @@ async def test_watch_shows_other_fly_data_as_json_lines(
     mesh: MeshClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     envelope_id = await mesh.create("tale")
-    async with trio.open_nursery() as nursery:
-        result: list[int] = []
-
-        async def watch() -> None:
-            result.append(await run("--url", url(mesh), "watch", envelope_id))
-
-        nursery.start_soon(watch)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "watch", envelope_id) as result:
         await mesh.fly(envelope_id, {"token": "x"})
         await mesh.fly(envelope_id, {"other": 1})
         await mesh.status(envelope_id, "failed", {"error": "boom"})
@@ -162,14 +149,7 @@ async def test_watch_on_a_terminal_draws_the_bar_and_the_tokens(
 ) -> None:
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat the captured stdout as a terminal
     envelope_id = await mesh.create("tale")
-    async with trio.open_nursery() as nursery:
-        result: list[int] = []
-
-        async def watch() -> None:
-            result.append(await run("--url", url(mesh), "watch", envelope_id))
-
-        nursery.start_soon(watch)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "watch", envelope_id) as result:
         route = {"prev": ["plan"], "curr": "write", "next": ["review"]}
         await mesh.status(envelope_id, "processing", route)
         await mesh.fly(envelope_id, {"token": "hello "})
@@ -187,14 +167,7 @@ async def test_watch_of_an_envelope_canceled_meanwhile_exits_3(
     mesh: MeshClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     envelope_id = await mesh.create("mine")
-    async with trio.open_nursery() as nursery:
-        result: list[int] = []
-
-        async def watch() -> None:
-            result.append(await run("--url", url(mesh), "watch", envelope_id))
-
-        nursery.start_soon(watch)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "watch", envelope_id) as result:
         await mesh.status(envelope_id, "running")
         assert await run("--url", url(mesh), "cancel", envelope_id) == 0
     assert result == [3]
@@ -205,14 +178,7 @@ async def test_events_json_lines_parse(
     mesh: MeshClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     envelope_id = await mesh.create("tale")
-    async with trio.open_nursery() as nursery:
-        result: list[int] = []
-
-        async def events() -> None:
-            result.append(await run("--url", url(mesh), "--json", "events", envelope_id))
-
-        nursery.start_soon(events)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "--json", "events", envelope_id) as result:
         await mesh.fly(envelope_id, {"token": "x"})
         await mesh.status(envelope_id, "succeeded", {"result": 7})
     assert result == [0]
@@ -251,14 +217,7 @@ async def test_watch_cut_off_by_a_server_shutdown_exits_4(
     shutdown = trio.Event()
     mesh = await start_mesh(nursery, shutdown=shutdown)
     envelope_id = await mesh.create("mine")
-    async with trio.open_nursery() as inner:
-        result: list[int] = []
-
-        async def watch() -> None:
-            result.append(await run("--url", url(mesh), "watch", envelope_id))
-
-        inner.start_soon(watch)
-        await wait_subscribed(mesh, envelope_id)
+    async with following(mesh, envelope_id, "watch", envelope_id) as result:
         shutdown.set()  # the drain ends open streams cleanly, before any terminal status
     assert result == [4]
     assert capsys.readouterr().err == (
@@ -290,6 +249,22 @@ async def test_url_from_the_environment(
     monkeypatch.setenv("ASYA_MESH_URL", url(mesh))
     assert await run("--json", "create", "echo") == 0
     assert "id" in json.loads(capsys.readouterr().out)
+
+
+@asynccontextmanager
+async def following(mesh: MeshClient, envelope_id: str, *argv: str) -> AsyncIterator[list[int]]:
+    """Run the CLI (`--url` of `mesh`, then `argv`: a watch or events of `envelope_id`) in the
+    background and enter once its stream is subscribed; leaving waits for the CLI to exit. The
+    list yielded holds its exit status by then."""
+    result: list[int] = []
+
+    async def cli() -> None:
+        result.append(await run("--url", url(mesh), *argv))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cli)
+        await wait_subscribed(mesh, envelope_id)
+        yield result
 
 
 async def wait_subscribed(mesh: MeshClient, envelope_id: str) -> None:
