@@ -4,7 +4,6 @@ table against the schema it is generated from."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -14,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import trio
@@ -22,6 +20,7 @@ import trio
 from mesh_trio._config import SETTINGS
 from mesh_trio.stateproxy._settings import SETTINGS as PROXY_SETTINGS
 from tests.harness import http
+from tests.proto._support import gen_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 MESH = [str(Path(sys.executable).with_name("asya-mesh-api"))]
@@ -209,17 +208,9 @@ async def test_unreachable_state_proxy_warns_and_the_server_still_answers(
     assert "Traceback" not in log.decode()
 
 
-def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_settings_table_is_current() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert readme == generator().render_readme(readme), (
+    assert readme == gen_docs().render_readme(readme), (
         "README.md's settings table is stale: regenerate it with `python tools/gen_docs.py`"
     )
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Generator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from mesh_proto import Envelope, Status, StoreReply, StoreRequest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 T0 = datetime(2026, 11, 28, 14, 24, 6, 123456, tzinfo=UTC)
 ID = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
@@ -48,3 +53,13 @@ def drive(
             request = proc.send(reply)
         except StopIteration as done:
             return done.value
+
+
+def gen_docs() -> ModuleType:
+    """`tools/gen_docs.py` as a module (it is a script, not a package), to compare what it
+    renders with the checked-in files."""
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
-from types import ModuleType
 
 import mesh_proto
+
+from ._support import gen_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_status_page_is_current() -> None:
     checked_in = (ROOT / "docs" / "status.md").read_text(encoding="utf-8")
-    assert checked_in == generator().render(), (
+    assert checked_in == gen_docs().render(), (
         "docs/status.md is stale: regenerate it with `python tools/gen_docs.py`"
     )
 
 
 def test_status_page_covers_every_pair_and_route() -> None:
-    page = generator().render()
+    page = gen_docs().render()
     rows = [line for line in page.splitlines() if re.match(r"\| `\w+` \(\d\) \|", line)]
     assert len(rows) == len(mesh_proto.Status)
     cells = sum(len(row.split("|")) - 3 for row in rows)

@@ -3,7 +3,6 @@ checked-in copy that is current."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from mesh_proto import (
 )
 from mesh_proto._requests import Cursor
 
-from ._support import ID, T0, envelope
+from ._support import ID, T0, envelope, gen_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -231,17 +230,9 @@ def test_the_next_cursor_of_a_list_is_a_valid_cursor() -> None:
     assert accepted(ListQuery.parse, f"cursor={token}")
 
 
-def generator() -> Any:
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_checked_in_document_is_current() -> None:
     checked_in = (ROOT / "docs" / "openapi.json").read_text(encoding="utf-8")
-    assert checked_in == generator().render_openapi(), (
+    assert checked_in == gen_docs().render_openapi(), (
         "docs/openapi.json is stale: regenerate it with `python tools/gen_docs.py`"
     )
     assert json.loads(checked_in) == openapi_document("/api/v1")
