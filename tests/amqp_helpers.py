@@ -43,6 +43,17 @@ from mesh_trio.transports._amqp_proto import FrameParser
 
 RABBITMQ_URL = os.environ.get("ASYA_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+
+def rabbit_env(url: str = RABBITMQ_URL, namespace: str = "default") -> dict[str, str]:
+    """The settings of a mesh API dispatching to the broker at `url` (for `start_mesh`)."""
+    return {
+        "ASYA_QUEUE_TRANSPORT": "rabbitmq",
+        "ASYA_RABBITMQ_URL": url,
+        "ASYA_NAMESPACE": namespace,
+        "ASYA_INTERNAL_URL": "http://mesh-api.test:8081",
+    }
+
+
 _M = TypeVar("_M", bound=MethodFrame | ContentHeader | ContentBody)
 
 

@@ -20,7 +20,7 @@ from mesh_trio._proxy_store import ProxyStore
 from mesh_trio._store import MemoryStore, SqliteStore
 from mesh_trio.stateproxy import serve_state_proxy
 from mesh_trio.transports import MemoryQueues
-from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy
+from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy, rabbit_env
 from tests.harness import MeshClient, Reply, start_mesh
 
 QUEUE = "asya-default-worker"
@@ -193,13 +193,7 @@ async def namespace() -> AsyncIterator[str]:
 
 
 async def start_amqp(nursery: trio.Nursery, namespace: str, url: str = RABBITMQ_URL) -> MeshClient:
-    return await start_mesh(
-        nursery,
-        ASYA_QUEUE_TRANSPORT="rabbitmq",
-        ASYA_RABBITMQ_URL=url,
-        ASYA_NAMESPACE=namespace,
-        ASYA_INTERNAL_URL="http://mesh-api.test:8081",
-    )
+    return await start_mesh(nursery, **rabbit_env(url, namespace))
 
 
 @pytest.mark.rabbitmq

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy
+from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy, rabbit_env
 from tests.harness import MeshClient, start_mesh
 
 pytestmark = pytest.mark.rabbitmq
@@ -34,13 +34,7 @@ async def proxy() -> AsyncIterator[TcpProxy]:
 
 
 async def start(nursery: trio.Nursery, namespace: str, url: str = RABBITMQ_URL) -> MeshClient:
-    return await start_mesh(
-        nursery,
-        ASYA_QUEUE_TRANSPORT="rabbitmq",
-        ASYA_RABBITMQ_URL=url,
-        ASYA_NAMESPACE=namespace,
-        ASYA_INTERNAL_URL="http://mesh-api.test:8081",
-    )
+    return await start_mesh(nursery, **rabbit_env(url, namespace))
 
 
 async def test_create_puts_the_wire_message_on_the_queue(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.amqp_helpers import RABBITMQ_URL, open_proxy
+from tests.amqp_helpers import RABBITMQ_URL, open_proxy, rabbit_env
 from tests.harness import MeshClient, http, start_mesh
 from tests.sqs_helpers import moto_endpoint
 
@@ -27,19 +27,11 @@ async def wait_ready(mesh: MeshClient, status: int) -> list[tuple[int, str]]:
             await trio.sleep(0.05)
 
 
-def rabbit(url: str) -> dict[str, str]:
-    return {
-        "ASYA_QUEUE_TRANSPORT": "rabbitmq",
-        "ASYA_RABBITMQ_URL": url,
-        "ASYA_INTERNAL_URL": "http://mesh-api.test:8081",
-    }
-
-
 @pytest.mark.rabbitmq
 async def test_ready_is_503_while_the_broker_refuses_the_login(nursery: trio.Nursery) -> None:
     wrong = RABBITMQ_URL.replace("guest:guest@", "guest:wrong-password@")
     assert wrong != RABBITMQ_URL
-    mesh = await start_mesh(nursery, **rabbit(wrong))
+    mesh = await start_mesh(nursery, **rabbit_env(wrong))
     for status, error in await wait_ready(mesh, 503):
         assert status == 503 and "queue unavailable: RabbitMQ" in error
     assert (await http(mesh.ext_port, "GET", "/health")).status == 200
@@ -50,7 +42,7 @@ async def test_ready_follows_the_broker_connection(nursery: trio.Nursery) -> Non
     async with open_proxy(5672) as proxy:
         host, port = "127.0.0.1", proxy.port
         mesh = await start_mesh(
-            nursery, **rabbit(RABBITMQ_URL.replace("127.0.0.1:5672", f"{host}:{port}"))
+            nursery, **rabbit_env(RABBITMQ_URL.replace("127.0.0.1:5672", f"{host}:{port}"))
         )
         await wait_ready(mesh, 200)
         proxy.cut()
