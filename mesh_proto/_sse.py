@@ -66,6 +66,9 @@ class Published:
     terminal: bool = False
     version: int | None = None
     rank: int | None = None
+    # The event's sequence number for stream ids and resume (given by the broadcaster, or by
+    # the store that published it with its write); None until then.
+    seq: int | None = None
 
     @property
     def is_fly(self) -> bool:
@@ -80,6 +83,7 @@ class Published:
             terminal=applied.terminal,
             version=applied.envelope.revision,
             rank=RANK[applied.envelope.status],
+            seq=applied.seq,
         )
 
     @classmethod

@@ -106,11 +106,16 @@ _RESERVED: Final = frozenset({"status", "_rev"})
 
 @attrs.frozen(kw_only=True)
 class Applied:
-    """The event changed the envelope: `envelope` is what to store, `event` what to publish."""
+    """The event changed the envelope: `envelope` is what to store, `event` what to publish.
+
+    `seq` is the event's place on a cross-replica bus when the store published it with the
+    write (the state proxy's `publish`), else None.
+    """
 
     rule: Rule
     envelope: Envelope
     event: StatusEvent
+    seq: int | None = None
 
     @property
     def terminal(self) -> bool:

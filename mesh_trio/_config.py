@@ -149,6 +149,18 @@ def _namespace(name: str, raw: str) -> str:
     return raw
 
 
+def _count(low: int, high: int) -> Parser:
+    def parse(name: str, raw: str) -> int:
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise ConfigError(f"{name}={raw!r}: a whole number from {low} to {high}")
+        return int(raw)
+
+    return parse
+
+
+LISTENERS: Final = ("hypercorn", "lean")
+
+
 def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -336,6 +348,61 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         parse=_duration,
     ),
     Setting(
+        env="ASYA_MESH_HTTP",
+        field="http",
+        default="hypercorn",
+        meaning=(
+            "the HTTP listener: `lean` (our trio HTTP/1.1 server) or `hypercorn` "
+            "(quart-trio on hypercorn)"
+        ),
+        parse=_choice(lambda: LISTENERS),
+    ),
+    Setting(
+        env="ASYA_MESH_KEEPALIVE_TIMEOUT",
+        field="keepalive_timeout",
+        default="5s",
+        meaning="an idle kept-alive client connection is closed after this long",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_HEADER_TIMEOUT",
+        field="header_timeout",
+        default="10s",
+        meaning="a request whose head has not fully arrived by then is refused (slow clients)",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_WORKERS",
+        field="workers",
+        default="1",
+        meaning=(
+            "processes serving the same two ports, each a replica on the event bus "
+            "(more than 1 needs the state proxy)"
+        ),
+        parse=_count(1, 64),
+    ),
+    Setting(
+        env="ASYA_MESH_EVENT_BUFFER",
+        field="event_buffer",
+        default="256",
+        meaning="FLY events kept per envelope for streams resuming with `Last-Event-ID`",
+        parse=_count(0, 1_000_000),
+    ),
+    Setting(
+        env="ASYA_MESH_EVENT_BUFFER_AGE",
+        field="event_buffer_age",
+        default="60s",
+        meaning="how long a buffered FLY event is kept for resuming streams",
+        parse=_duration,
+    ),
+    Setting(
+        env="ASYA_MESH_SSE_RETRY",
+        field="sse_retry",
+        default="3s",
+        meaning="the reconnect delay each SSE stream advises its client (`retry:`)",
+        parse=_duration,
+    ),
+    Setting(
         env="ASYA_MESH_TRACING",
         field="tracing",
         default="0",
@@ -396,6 +463,13 @@ class Config:
     graceful_timeout: float = 5.0
     access_log: bool = False
     tracing: bool = False
+    http: str = "hypercorn"
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    workers: int = 1
+    event_buffer: int = 256
+    event_buffer_age: float = 60.0
+    sse_retry: float = 3.0
     # Extension modules to load by name (`_extension.py`); `ASYA_MESH_COMPAT=1` names
     # `mesh_compat`, the legacy routes.
     extensions: tuple[str, ...] = attrs.field()

@@ -352,7 +352,11 @@ class Mesh:
         return outcome
 
     async def stream(
-        self, envelope_id: str, dialect: SseDialect | None = None
+        self,
+        envelope_id: str,
+        dialect: SseDialect | None = None,
+        *,
+        last_event_id: str | None = None,
     ) -> AsyncIterator[bytes]:
         """The SSE byte stream of one envelope (call `get` first for a 404 before any bytes).
 

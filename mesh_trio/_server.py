@@ -54,9 +54,19 @@ class Bound:
     mesh: Mesh = attrs.field(eq=False, repr=False)
 
 
-def hypercorn_config(host: str, port: int, *, graceful_timeout: float, access_log: bool) -> Any:
+def hypercorn_config(
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float,
+    access_log: bool,
+    sock: socket.socket | None = None,
+) -> Any:
     config = HypercornConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if sock is not None:  # a listening socket made by a supervisor (`ASYA_MESH_WORKERS`)
+        config.bind = [f"fd://{sock.fileno()}"]
+    else:
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     # The default (1000) would cut a sidecar's long-lived connection every 1000 events.
     config.keep_alive_max_requests = 2**62
     # The default (100) makes a burst of thousands of SSE connects take far longer.
@@ -102,9 +112,10 @@ async def _start_listener(
     nursery: trio.Nursery,
     listen: Callable[..., Awaitable[Any]],
     app: Any,
-    settings: Callable[[str, int], Any],
+    settings: Callable[..., Any],
     config: Config,
     variable: str,
+    sock: socket.socket | None = None,
 ) -> list[str]:
     """Start one listener on `config.host` and the port `variable` sets; returns its binds.
 
@@ -115,7 +126,7 @@ async def _start_listener(
     host = config.host
     port = config.internal_port if variable == "ASYA_MESH_INTERNAL_PORT" else config.external_port
     try:
-        binds: list[str] = await nursery.start(listen, app, settings(host, port))
+        binds: list[str] = await nursery.start(listen, app, settings(host, port, sock=sock))
     except (OSError, BaseExceptionGroup) as exc:
         cause = root_cause(exc)
         if isinstance(cause, socket.gaierror):
@@ -132,9 +143,15 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    sockets: tuple[socket.socket, socket.socket] | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the mesh API until `shutdown_trigger` returns (forever if None), then drain."""
+    """Run the mesh API until `shutdown_trigger` returns (forever if None), then drain.
+
+    `sockets` are listening sockets (external, internal) to serve instead of binding the
+    configured ports: a supervisor's, shared by its workers.
+    """
+    ext_sock, int_sock = sockets if sockets is not None else (None, None)
     if config.transport != "memory" and config.internal_url is None:
         raise ConfigError(
             "ASYA_INTERNAL_URL: required with a real queue transport (sidecars post events there)"
@@ -180,10 +197,10 @@ async def serve(
         async with trio.open_nursery() as nursery:
             listen = partial(hypercorn_serve, shutdown_trigger=stop_listeners.wait)
             ext_binds = await _start_listener(
-                nursery, listen, external, settings, config, "ASYA_MESH_EXTERNAL_PORT"
+                nursery, listen, external, settings, config, "ASYA_MESH_EXTERNAL_PORT", ext_sock
             )
             int_binds = await _start_listener(
-                nursery, listen, internal, settings, config, "ASYA_MESH_INTERNAL_PORT"
+                nursery, listen, internal, settings, config, "ASYA_MESH_INTERNAL_PORT", int_sock
             )
             bound = Bound(_port(ext_binds), _port(int_binds), mesh)
             if mesh.gateway_url is None:

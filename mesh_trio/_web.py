@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 
 from quart import Response, g, request
@@ -87,6 +88,18 @@ async def run_operation(
         await mesh.publish(envelope_id, await body())
         return 204, b""
     raise AssertionError(f"not a plain operation: {op}")  # pragma: no cover
+
+
+def last_event_id(header: str | None, query: bytes) -> str | None:
+    """Where a stream resumes: the `Last-Event-ID` header, else `?last_event_id=` (a browser's
+    first connect cannot set the header); None for a fresh stream."""
+    if header is not None:
+        return header
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if name == b"last_event_id":
+            return urllib.parse.unquote(value.decode("latin-1"))
+    return None
 
 
 def is_openapi(method: str, path: str) -> bool:
@@ -226,8 +239,12 @@ def external_app(
         if route.op is Op.STREAM:
             assert route.id is not None
             await mesh.get(route.id)
+            resume = last_event_id(request.headers.get("Last-Event-ID"), request.query_string)
             response = Response(
-                mesh.stream(route.id), 200, SSE_HEADERS, content_type="text/event-stream"
+                mesh.stream(route.id, last_event_id=resume),
+                200,
+                SSE_HEADERS,
+                content_type="text/event-stream",
             )
             response.timeout = None
             return response
