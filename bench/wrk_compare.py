@@ -1,0 +1,222 @@
+# Request throughput with a C-speed load generator: wrk (Debian package `wrk`) instead of our
+# Python loadgen, so that the load side can never be what limits a fast server.
+#
+# For each target (a server of the contract: ours on either listener, the Starlette/uvicorn
+# yardstick) and each scenario, wrk runs pinned to core 1 while the server is pinned to core 0;
+# targets are interleaved run by run (A B A B ...) and the ones not measured are paused with
+# SIGSTOP, as in bench/run.py (whose server helpers this reuses). Reported per (target,
+# scenario), medians of the runs: requests/s, requests per server CPU second, server CPU %,
+# wrk's own CPU %, and non-2xx replies (must be 0).
+#
+#   create   POST {prefix}/mesh/?actor=bench  {"payload":{"n":1}}            (external port)
+#   events   POST {prefix}/mesh/{id}/events, status progress and FLY 1:1     (internal port)
+#   status / fly   only one of the two kinds                                  (internal port)
+#   get      GET {prefix}/mesh/{id}, the sidecar heartbeat                    (internal port)
+#
+# Run: .venv/bin/python bench/wrk_compare.py [--targets lean,hypercorn,starlette]
+#          [--scenarios create,events,get] [--runs 3] [--duration 3] [--connections 32]
+# (about targets x scenarios x runs x (duration + 1) seconds.)
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import run  # noqa: E402  (bench/run.py: server start/stop, specs)
+
+PREFIX = "/api/v1"
+STATUS = '{"type":"status","status":"running","data":{"progress_percent":1}}'
+FLY = '{"type":"fly","data":{"token":"x"}}'
+
+LUA_CREATE = """
+wrk.method = "POST"
+wrk.body = '{"payload":{"n":1}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+LUA_EVENTS = """
+local ids = {%(ids)s}
+local bodies = {%(bodies)s}
+local i = 0
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  i = i + 1
+  local id = ids[(i %% #ids) + 1]
+  local body = bodies[(i %% #bodies) + 1]
+  return wrk.format("POST", "%(prefix)s/mesh/" .. id .. "/events", headers, body)
+end
+"""
+
+LUA_GET = """
+local ids = {%(ids)s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", "%(prefix)s/mesh/" .. ids[(i %% #ids) + 1])
+end
+"""
+
+LUA_DONE = """
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format("WRKJSON {\\"requests\\": %d, \\"seconds\\": %f, \\"non2xx\\": %d, " ..
+    "\\"socket_errors\\": %d, \\"p50_ms\\": %f, \\"p99_ms\\": %f}\\n",
+    summary.requests, summary.duration / 1e6, errors.status,
+    errors.connect + errors.read + errors.write + errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def create_envelopes(server: run.Server, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.external}{PREFIX}/mesh/?actor=bench",
+            data=b'{"payload":{"n":1}}',
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            ids.append(json.loads(reply.read())["id"])
+    return ids
+
+
+def script(scenario: str, ids: list[str]) -> tuple[str, str]:
+    """(Lua source, port name) of a scenario."""
+    quoted = ", ".join(f'"{i}"' for i in ids)
+    bodies = {"events": [STATUS, FLY], "status": [STATUS], "fly": [FLY]}
+    if scenario == "create":
+        return LUA_CREATE + LUA_DONE, "external"
+    if scenario in bodies:
+        body_list = ", ".join(f"'{b}'" for b in bodies[scenario])
+        source = LUA_EVENTS % {"ids": quoted, "bodies": body_list, "prefix": PREFIX}
+        return source + LUA_DONE, "internal"
+    if scenario == "get":
+        return LUA_GET % {"ids": quoted, "prefix": PREFIX} + LUA_DONE, "internal"
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Namespace) -> dict:
+    source, port_name = script(scenario, ids)
+    port = server.external if port_name == "external" else server.internal
+    path = f"{PREFIX}/mesh/?actor=bench" if scenario == "create" else "/"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(source)
+    argv = [
+        "taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+        "--latency", "-s", f.name, f"http://127.0.0.1:{port}{path}",
+    ]  # fmt: skip
+    before_server, before_wrk, started = cpu_seconds(server.pid), children_cpu(os.getpid()), time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 30)
+    wall = time.monotonic() - started
+    server_cpu = cpu_seconds(server.pid) - before_server
+    wrk_cpu = children_cpu(os.getpid()) - before_wrk
+    os.unlink(f.name)
+    match = re.search(r"WRKJSON (\{.*\})", out.stdout)
+    if match is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    figures = json.loads(match.group(1))
+    rps = figures["requests"] / figures["seconds"]
+    return {
+        "rps": rps,
+        "per_cpu_s": figures["requests"] / server_cpu if server_cpu else 0.0,
+        "server_cpu_pct": 100 * server_cpu / wall,
+        "wrk_cpu_pct": 100 * wrk_cpu / wall,
+        "p99_ms": figures["p99_ms"],
+        "non2xx": figures["non2xx"],
+        "socket_errors": figures["socket_errors"],
+    }
+
+
+def spec(name: str, args: argparse.Namespace) -> run.ServerSpec:
+    if name == "starlette":
+        return run.starlette_spec()
+    listener = {"lean": "lean", "hypercorn": "hypercorn"}[name]
+    ours = argparse.Namespace(ours_cmd=args.ours_cmd, ours_env=[f"ASYA_MESH_HTTP={listener}"])
+    return run.ours_spec(name, ours, {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--targets", default="lean,hypercorn,starlette")
+    parser.add_argument("--scenarios", default="create,events,get")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--ours-cmd", default=str(Path(run.PYTHON).parent / "asya-mesh-api"))
+    parser.add_argument("--json", type=Path, default=run.RESULTS / "wrk.json")
+    args = parser.parse_args()
+    run.RESULTS.mkdir(exist_ok=True)
+    targets = args.targets.split(",")
+    results: dict[str, dict[str, list[dict]]] = {t: {} for t in targets}
+    with ExitStack() as stack:
+        servers = {}
+        for name in targets:
+            server = stack.enter_context(run.running(spec(name, args), run.RESULTS / f"wrk-{name}.log"))
+            servers[name] = (server, create_envelopes(server, 100))
+            server.pause()
+        for scenario in args.scenarios.split(","):
+            for index in range(args.runs):
+                for name in targets:
+                    server, ids = servers[name]
+                    server.resume()
+                    try:
+                        figures = measure(server, scenario, ids, args)
+                    finally:
+                        server.pause()
+                    results[name].setdefault(scenario, []).append(figures)
+                    print(f"[{name}] {scenario} run {index + 1}: {figures}", flush=True)
+        for server, _ in servers.values():
+            server.resume()
+    medians = {
+        name: {
+            scenario: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            for scenario, runs in by_scenario.items()
+        }
+        for name, by_scenario in results.items()
+    }
+    args.json.write_text(json.dumps({"runs": results, "medians": medians}, indent=1))
+    base = targets[-1]
+    print(f"\n| scenario | target | req/s | per server CPU s | server CPU % | wrk CPU % | p99 ms | vs {base} (per CPU s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for scenario in args.scenarios.split(","):
+        for name in targets:
+            m = medians[name][scenario]
+            ratio = m["per_cpu_s"] / medians[base][scenario]["per_cpu_s"]
+            print(
+                f"| {scenario} | {name} | {m['rps']:.0f} | {m['per_cpu_s']:.0f} | "
+                f"{m['server_cpu_pct']:.0f} | {m['wrk_cpu_pct']:.0f} | {m['p99_ms']:.1f} | {ratio:.2f} |"
+            )
+    bad = [(n, s) for n in targets for s, m in medians[n].items() if m["non2xx"] or m["socket_errors"]]
+    if bad:
+        print(f"WARNING: errors in {bad}")
+
+
+if __name__ == "__main__":
+    main()
