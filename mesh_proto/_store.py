@@ -26,6 +26,12 @@ monotonic. Whether a proxy guards revisions is what its health reply says
 (`FEATURES_HEADER`, see `check_health`); only then may a runtime pass the envelope it last
 wrote as `known`, which saves the read in the common case: a stale `known` only costs a 409 and
 a read.
+
+With a proxy that has the event bus (`EVENTS`), `update_status(..., publish=origin)` writes
+the status change and publishes its event in one transaction (``PUT ?publish=1&origin=O`` with
+body ``{"value": V, "event": E}``, reply ``{"seq": N}``): the `Applied` it returns carries the
+event's `seq`, and no subscriber anywhere sees an event that was not stored. FLY events go
+through `events_request` (``POST /events``), replays through `replay_request`.
 """
 
 from __future__ import annotations
@@ -40,9 +46,19 @@ from ._envelope import KEY_PREFIX, Envelope, envelope_key
 from ._errors import PayloadTooLarge, ProtocolError, ServiceError, StoreProtocolError
 from ._json import dumps, loads
 from ._requests import Cursor, ListQuery
+from ._sse import Published
 from ._status import TERMINAL, Applied, Outcome, Status, StatusEvent, apply_event
 from ._time import format_time
-from ._wire import FEATURES_HEADER, IF_ABSENT, Query, key_target
+from ._wire import (
+    FEATURES_HEADER,
+    IF_ABSENT,
+    MAX_EVENTS,
+    BusEvent,
+    Query,
+    encode_key,
+    event_bytes,
+    key_target,
+)
 
 # A conditional update loses a race only when another writer changed the envelope in between,
 # and every lost race is progress for someone: with N writers racing on one envelope the last
@@ -95,6 +111,73 @@ def put_request(
     return StoreRequest(
         method="PUT", target=key_target(key, **params), headers=JSON_HEADERS, body=dumps(value)
     )
+
+
+def publish_put_request(
+    key: str, value: Any, event: bytes, *, origin: str, if_status: str, if_rev: int
+) -> StoreRequest:
+    """The guarded `PUT /keys/{key}?publish=1&origin=O` that stores `value` and, only if it
+    was written, publishes `event` (JSON bytes, `event_bytes`) in the same transaction."""
+    params = {"if_status": if_status, "if_rev": str(if_rev), "publish": "1", "origin": origin}
+    body = b'{"value":' + dumps(value) + b',"event":' + event + b"}"
+    return StoreRequest(
+        method="PUT", target=key_target(key, **params), headers=JSON_HEADERS, body=body
+    )
+
+
+def read_published(reply: StoreReply) -> int | None:
+    """The `seq` of a publishing PUT, or None on 409 (nothing written, nothing published)."""
+    if reply.status == 409:
+        return None
+    if reply.status != 200:
+        raise _fail(reply, "put")
+    seq = _field(reply, "seq")
+    if type(seq) is not int:
+        raise StoreProtocolError("state proxy publishing put reply has no seq")
+    return seq
+
+
+def events_request(origin: str, events: Sequence[tuple[str, bytes]]) -> StoreRequest:
+    """`POST /events` of 1..`MAX_EVENTS` ``(key, event JSON bytes)`` from `origin`."""
+    if not 0 < len(events) <= MAX_EVENTS:
+        raise ValueError(f"POST /events takes 1 to {MAX_EVENTS} events, not {len(events)}")
+    items = b",".join(b'{"key":' + dumps(k) + b',"event":' + e + b"}" for k, e in events)
+    body = b'{"origin":' + dumps(origin) + b',"events":[' + items + b"]}"
+    return StoreRequest(method="POST", target="/events", headers=JSON_HEADERS, body=body)
+
+
+def read_seqs(reply: StoreReply, count: int) -> list[int]:
+    """The `seqs` of a `POST /events` reply: one per event sent (`count`), in order."""
+    if reply.status != 200:
+        raise _fail(reply, "publish")
+    seqs = _field(reply, "seqs")
+    if not isinstance(seqs, list) or not all(type(seq) is int for seq in seqs):
+        raise StoreProtocolError("state proxy publish reply has no seqs")
+    if len(seqs) != count:
+        raise StoreProtocolError(f"state proxy gave {len(seqs)} seqs for {count} events")
+    return seqs
+
+
+def _field(reply: StoreReply, name: str) -> Any:
+    body = loads(reply.body, error=StoreProtocolError, what="store reply")
+    return body.get(name) if isinstance(body, dict) else None
+
+
+def replay_request(key: str, after: int) -> StoreRequest:
+    """`GET /events/{key}?after=N`: the buffered events of `key` after seq `after`."""
+    return StoreRequest(method="GET", target=f"/events/{encode_key(key)}?after={after}")
+
+
+def read_replay(reply: StoreReply) -> tuple[list[BusEvent], bool]:
+    """The records of a replay, oldest first, and whether some were pruned (a gap)."""
+    if reply.status != 200:
+        raise _fail(reply, "replay")
+    body = loads(reply.body, error=StoreProtocolError, what="store reply")
+    rows = body.get("events") if isinstance(body, dict) else None
+    gap = body.get("gap") if isinstance(body, dict) else None
+    if not isinstance(rows, list) or type(gap) is not bool:
+        raise StoreProtocolError("state proxy replay reply is not {events, gap}")
+    return [BusEvent.from_json(row) for row in rows], gap
 
 
 def delete_request(key: str) -> StoreRequest:
@@ -248,7 +331,12 @@ def create_envelope(envelope: Envelope) -> Generator[StoreRequest, StoreReply, N
 
 
 def update_status(
-    envelope_id: str, event: StatusEvent, now: datetime, *, known: Envelope | None = None
+    envelope_id: str,
+    event: StatusEvent,
+    now: datetime,
+    *,
+    known: Envelope | None = None,
+    publish: str | None = None,
 ) -> Generator[StoreRequest, StoreReply, Outcome | None]:
     """The conditional update. Returns the outcome, or None if the envelope does not exist.
 
@@ -272,7 +360,19 @@ def update_status(
             if envelope is None:
                 return None
         outcome = apply_event(envelope, event, now)
-        if isinstance(outcome, Applied):
+        if isinstance(outcome, Applied) and publish is not None:
+            request = publish_put_request(
+                key,
+                outcome.envelope.to_value(),
+                event_bytes(Published.status(outcome)),
+                origin=publish,
+                if_status=envelope.status,
+                if_rev=envelope.revision,
+            )
+            seq = read_published((yield request))
+            if seq is not None:
+                return attrs.evolve(outcome, seq=seq)
+        elif isinstance(outcome, Applied):
             reply = yield put_request(
                 key,
                 outcome.envelope.to_value(),

@@ -7,6 +7,17 @@ path (`encode_key` / `decode_key`), how a query string is decoded, what a revisi
 builds its requests through these (`mesh_proto._store.key_target`, `query_request`); the proxy
 decodes and validates through the same functions, and only then compiles SQL of its own.
 
+The event bus (feature `EVENTS`: `POST /events`, `PUT ?publish=1`, `GET /events/watch`,
+`GET /events/{key}?after=N`) carries events that are opaque JSON objects to the proxy. Ours are
+the frames of `Published` in a wire form (`event_bytes`, `published_of`)::
+
+    {"kind": "fly", "data": D}
+    {"kind": "status", "data": {...}, "rev": N, "rank": R, "terminal": bool}
+
+spliced from the frame's data line on the way out (no second encoding of a large payload) and
+encoded into a frame once on the receiving replica. A bus record (`BusEvent`) is that event
+with its `seq`, `key` and `origin` (the replica that published it).
+
 A query is validated once, when it is made (`Query.from_json`, `Query.parse`): field names match
 `FIELD_NAME` and are at most `MAX_FIELD_NAME` characters; each filter entry is either a plain
 value (containment) or an operator map whose keys all start with ``$``; each operator has an
@@ -26,8 +37,9 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
 import attrs
 
-from ._errors import BadRequest
+from ._errors import BadRequest, StoreProtocolError
 from ._json import dumps, loads
+from ._sse import Published, encode_frame
 from ._time import parse_time
 
 #: A field of the stored value that a filter, a sort or an index may name.
@@ -66,6 +78,11 @@ DELETE_QUERY: Final = "delete"
 #: The feature name of filters on the `key` / `created_at` / `updated_at` columns (`COLUMNS`):
 #: a proxy without it (the Go one) would read them as value fields and answer wrong pages.
 COLUMN_BOUNDS: Final = "columns"
+#: The feature name of the event bus (module comment); `MAX_EVENTS` bounds one `POST /events`.
+EVENTS: Final = "events"
+MAX_EVENTS: Final = 1000
+#: What names a replica on the bus (``origin=``).
+ORIGIN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -378,3 +395,91 @@ def _page_number(doc: Mapping[str, object], name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PAGE:
         raise BadRequest(f"{name} must be a non-negative integer")
     return value
+
+
+def is_origin(text: object) -> TypeGuard[str]:
+    """Tell whether `text` may name a replica on the bus (`ORIGIN`)."""
+    return isinstance(text, str) and ORIGIN.fullmatch(text) is not None
+
+
+def parse_after(text: str) -> int:
+    """The ``after=N`` of a replay: a non-negative decimal integer.
+
+    Raises:
+        BadRequest: anything else (a sign, spaces, non-ASCII digits, empty).
+    """
+    if not _DIGITS.fullmatch(text):
+        raise BadRequest("after must be a non-negative decimal integer")
+    return int(text)
+
+
+def event_bytes(published: Published) -> bytes:
+    """The bus event of a frame, as JSON bytes (module comment).
+
+    The data is taken from the frame as it is (compact one-line JSON), not encoded again.
+    """
+    _, found, rest = published.frame.partition(b"\ndata: ")
+    if not found or not rest.endswith(b"\n\n"):
+        raise ValueError("not a frame of encode_frame")
+    data = rest[:-2]
+    if published.is_fly:
+        return b'{"kind":"fly","data":' + data + b"}"
+    head = {"kind": "status", "rev": published.version, "terminal": published.terminal}
+    if published.rank is not None:
+        head["rank"] = published.rank
+    return dumps(head)[:-1] + b',"data":' + data + b"}"
+
+
+def published_of(event: object, seq: int) -> Published:
+    """The frame of a bus event (`event_bytes` read back), with its `seq`.
+
+    Raises:
+        StoreProtocolError: not an event in our wire form.
+    """
+    if isinstance(event, dict) and "data" in event:
+        kind, data = event.get("kind"), event["data"]
+        if kind == "fly":
+            return Published(frame=encode_frame("fly", data), seq=seq)
+        rev, rank, terminal = event.get("rev"), event.get("rank"), event.get("terminal")
+        if (
+            kind == "status"
+            and isinstance(data, dict)
+            and type(rev) is int
+            and (rank is None or type(rank) is int)
+            and type(terminal) is bool
+        ):
+            return Published(
+                frame=encode_frame("status", data),
+                terminal=terminal,
+                version=rev,
+                rank=rank,
+                seq=seq,
+            )
+    raise StoreProtocolError("bus event is not a fly or status event of the mesh API")
+
+
+@attrs.frozen(kw_only=True)
+class BusEvent:
+    """One record of the bus (a watch line, a replay row): an event as the proxy stored it."""
+
+    seq: int
+    key: str
+    origin: str
+    event: Any
+
+    @classmethod
+    def from_json(cls, doc: object) -> BusEvent:
+        """A decoded ``{"seq","key","origin","event"}`` record.
+
+        Raises:
+            StoreProtocolError: a field is missing or of the wrong type.
+        """
+        if isinstance(doc, dict):
+            seq, key, origin = doc.get("seq"), doc.get("key"), doc.get("origin")
+            if type(seq) is int and isinstance(key, str) and isinstance(origin, str):
+                return cls(seq=seq, key=key, origin=origin, event=doc.get("event"))
+        raise StoreProtocolError("bus record is not {seq, key, origin, event}")
+
+    def published(self) -> Published:
+        """The frame to deliver (`published_of`); raises `StoreProtocolError`."""
+        return published_of(self.event, self.seq)
