@@ -214,7 +214,7 @@ def test_read_replay() -> None:
     assert read_replay(reply(200, {"events": [], "gap": False})) == ([], False)
     bad_bodies: tuple[Any, ...] = (
         [],
-        {"events": {}, "gap": 0},
+        {"events": {}, "gap": False},
         {"events": [], "gap": 0},
         {"gap": False},
     )
