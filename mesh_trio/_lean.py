@@ -1,20 +1,52 @@
 """The lean listener: a trio HTTP/1.1 server that hands each request to a `Handler`.
 
-(Interface fixed first; the server itself is being written: see `serve_lean`.)
-
 A `Handler` gets a `Request` whose body has already been read (at most `max_body` bytes; the
 listener answers 413 itself past that) and returns a `Reply`: a whole body, or a `stream` of
 chunks (SSE) sent with chunked encoding until it ends. The listener adds `Content-Length` (or
 `Transfer-Encoding: chunked`), `Connection` and `Date`; it owns HEAD (no body), keep-alive,
-`Expect: 100-continue`, timeouts and the errors of HTTP itself (400, 413, 431, 505), whose
+`Expect: 100-continue`, timeouts and the errors of HTTP itself (400, 408, 413, 431, 505), whose
 bodies are JSON `{"error": ...}` like every other.
+
+Why it exists: quart-trio on hypercorn spends most of a request's CPU in the stack (trio tasks,
+h11, hypercorn's event objects), not in the mesh. Here each connection is ONE task and there is
+no task per request: llhttp (through `httptools`) parses whatever one `receive_some` brought,
+every complete pipelined request in it is handled in order with the handler awaited inline,
+and their replies are joined into one `send_all`. Heads are built from pre-encoded bytes
+(status lines cached per code, a `Date` header cached per second); nothing is a dict.
+
+Stricter than llhttp alone, because a proxy in front may read a request differently (request
+smuggling): a `Transfer-Encoding` other than exactly `chunked`, a Host-less HTTP/1.1 request and
+a head past `MAX_HEAD` bytes are refused too. Every refusal answers and then closes the
+connection, since what follows the bad bytes cannot be trusted to start a request.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import unquote_to_bytes
 
 import attrs
+import httptools
+import trio
+
+from mesh_proto import MAX_BODY
+
+log = logging.getLogger("mesh_trio.http")
+
+MAX_HEAD: Final = 64 * 1024
+"""Bytes of request line and headers (431 past that); h11 and hypercorn allow 16 KiB."""
+MAX_HEADERS: Final = 256
+"""Header lines of one request (431 past that): bounds the work of empty or tiny headers."""
+RECEIVE_SIZE: Final = 65536
+LINGER_SECONDS: Final = 1.0
+"""After a server-side close, how long unread client bytes are drained: closing a socket with
+unread data sends RST, and the client may then lose the reply it has not read yet."""
 
 
 @attrs.frozen(slots=True)
@@ -46,3 +78,486 @@ class Reply:
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@attrs.define(eq=False)
+class ListenerStats:
+    """Counters of one `serve_lean`, for tests and benchmarks (cheap integer increments)."""
+
+    connections: int = 0
+    open_connections: int = 0
+    requests: int = 0
+    sends: int = 0
+    refused: int = 0
+    handler_errors: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-encoded bytes
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    """`HTTP/1.1 <status> <phrase>\\r\\n`, encoded once per status code."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+    return line
+
+
+_date_second = -1
+_date_line = b""
+
+
+def _date_header() -> bytes:
+    """`date: ...\\r\\n`, formatted at most once per second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        _date_second = now
+    return _date_line
+
+
+_CLOSE: Final = b"connection: close\r\n"
+_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_JSON: Final = b"content-type: application/json\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_METHODS: dict[bytes, str] = {}
+
+
+def _error_body(message: str) -> bytes:
+    # The messages are our own constants (no quotes or backslashes), so no json.dumps.
+    return b'{"error":"' + message.encode() + b'"}'
+
+
+class _Refused(Exception):
+    """A request the listener answers itself with `status` and then closes the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# One connection
+
+
+@attrs.define(eq=False)
+class _Server:
+    """What the connections of one `serve_lean` share."""
+
+    handler: Handler
+    max_body: int
+    keepalive_timeout: float
+    header_timeout: float
+    max_requests: int | None
+    stats: ListenerStats
+    connections: set[_Connection] = attrs.field(factory=set)
+    draining: bool = False
+
+    def drain(self) -> None:
+        """From now on every reply closes its connection; connections waiting idle close now."""
+        self.draining = True
+        for connection in self.connections:
+            if connection.idle:
+                connection.read_scope.cancel()
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        connection = _Connection(self, stream)
+        self.connections.add(connection)
+        self.stats.connections += 1
+        self.stats.open_connections += 1
+        try:
+            await connection.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nothing to answer, nothing to log
+        except Exception:
+            log.exception("lean listener: connection failed")
+        finally:
+            self.connections.discard(connection)
+            self.stats.open_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    """The parser callbacks fill the state of the message being parsed; `run` serves."""
+
+    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.parser = httptools.HttpRequestParser(self)
+        self.ready: list[tuple[Request, bool, bool]] = []  # request, keep-alive, HTTP/1.0
+        self.refused: _Refused | None = None
+        self.served = 0
+        self.idle = True
+        self.read_scope = trio.CancelScope()
+        # The message being parsed.
+        self.in_message = False
+        self.deadline = math.inf
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.expect_continue = False
+
+    # -- parser callbacks (synchronous, called from inside feed_data) --------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.deadline = trio.current_time() + self.server.header_timeout
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.body = []
+        self.body_size = 0
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+        self._count_head(len(name) + len(value) + 4)
+        if len(self.headers) > MAX_HEADERS:
+            self._refuse(431, "too many request headers")
+
+    def _count_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_HEAD:
+            self._refuse(431, "request head too large")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.refused = _Refused(status, message)
+        raise self.refused
+
+    def on_headers_complete(self) -> None:
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refuse(505, "HTTP version not supported")
+        length: bytes | None = None
+        chunked = False
+        host = False
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value  # llhttp refuses duplicates, non-digits and CL with TE
+            elif name == b"transfer-encoding":
+                if chunked or value.strip().lower() != b"chunked":
+                    self._refuse(400, "unsupported transfer-encoding")
+                chunked = True
+            elif name == b"host":
+                host = True
+            elif name == b"expect" and value.strip().lower() == b"100-continue":
+                self.expect_continue = version == "1.1"
+        if not host and version == "1.1":
+            self._refuse(400, "missing host header")
+        if length is not None and int(length) > self.server.max_body:
+            self._refuse(413, "request body too large")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.server.max_body:
+            self._refuse(413, "request body too large")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.expect_continue = False
+        parser = self.parser
+        method = _METHODS.get(raw_method := parser.get_method())
+        if method is None:
+            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
+        try:
+            path, query = _split_target(self.url)
+        except _Refused as exc:
+            self.refused = exc
+            raise
+        body = b"".join(self.body) if self.body else b""
+        request = Request(method, path, query, self.headers, body)
+        self.ready.append((request, parser.should_keep_alive(), parser.get_http_version() == "1.0"))
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server = self.server
+        stream = self.stream
+        idle_deadline = trio.current_time() + server.keepalive_timeout
+        while True:
+            if self.in_message:
+                deadline = self.deadline
+            elif server.draining:
+                return await self._close()
+            else:
+                deadline = idle_deadline
+            self.idle = not self.in_message
+            with trio.CancelScope(deadline=deadline) as self.read_scope:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            self.idle = False
+            if self.read_scope.cancelled_caught:
+                if self.in_message:
+                    await stream.send_all(self._error(408, "request timeout"))
+                return await self._close()
+            if not data:
+                return None  # the client closed: nothing left to answer
+            upgrade = False
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                upgrade = True  # not supported: what follows the request is not HTTP
+            except httptools.HttpParserError as exc:
+                if self.refused is None:
+                    self.refused = _Refused(400, _parse_error(exc))
+            out: list[bytes] = []
+            keep = await self._handle_ready(out)
+            if keep and self.refused is not None:
+                server.stats.refused += 1
+                out.append(self._error(self.refused.status, self.refused.message))
+                keep = False
+            elif keep and upgrade:
+                keep = False
+            elif keep and self.expect_continue and not self.body_size:
+                out.append(_CONTINUE)
+                self.expect_continue = False
+            if out:
+                server.stats.sends += 1
+                await stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+            if not keep:
+                return await self._close()
+            if out:
+                idle_deadline = trio.current_time() + server.keepalive_timeout
+
+    async def _handle_ready(self, out: list[bytes]) -> bool:
+        """Handle the parsed requests in order, their replies appended to `out`; False once
+        the connection must close after `out` (a stream reply has been sent already)."""
+        if not self.ready:
+            return True
+        ready = self.ready
+        self.ready = []
+        server = self.server
+        for request, keep_alive, http10 in ready:
+            self.served += 1
+            server.stats.requests += 1
+            try:
+                reply = await server.handler(request)
+                if not 100 <= reply.status <= 599:
+                    raise ValueError(f"status {reply.status} out of range")
+            except Exception:
+                log.exception(
+                    "lean listener: handler failed on %s %s", request.method, request.path
+                )
+                server.stats.handler_errors += 1
+                out.append(self._error(500, "internal server error"))
+                return False
+            head = request.method == "HEAD"
+            keep = (
+                keep_alive
+                and not server.draining  # decided after the handler: draining may have begun
+                and (server.max_requests is None or self.served < server.max_requests)
+            )
+            if reply.stream is not None:
+                await self._send_stream(out, reply, head=head, http10=http10)
+                return False
+            self._encode(out, reply, keep=keep, http10=http10, head=head)
+            if not keep:
+                return False
+        return True
+
+    def _encode(
+        self, out: list[bytes], reply: Reply, *, keep: bool, http10: bool, head: bool
+    ) -> None:
+        out.append(_status_line(reply.status))
+        out.append(_date_header())
+        for name, value in reply.headers:
+            out.append(name + b": " + value + b"\r\n")
+        if not keep:
+            out.append(_CLOSE)
+        elif http10:
+            out.append(_KEEP_ALIVE)
+        if reply.status in _NO_BODY_STATUSES:
+            out.append(b"\r\n")
+            return
+        body = reply.body
+        out.append(b"content-length: %d\r\n\r\n" % len(body))
+        if body and not head:
+            out.append(body)
+
+    def _error(self, status: int, message: str) -> bytes:
+        body = _error_body(message)
+        return b"".join(
+            (
+                _status_line(status),
+                _date_header(),
+                _JSON,
+                _CLOSE,
+                b"content-length: %d\r\n\r\n" % len(body),
+                body,
+            )
+        )
+
+    async def _send_stream(
+        self, out: list[bytes], reply: Reply, *, head: bool, http10: bool
+    ) -> None:
+        """Send what is pending, the head, then every chunk as it comes, until the stream ends
+        or the client goes away; the stream's iterator is closed either way."""
+        iterator = reply.stream
+        assert iterator is not None
+        out.append(_status_line(reply.status))
+        out.append(_date_header())
+        for name, value in reply.headers:
+            out.append(name + b": " + value + b"\r\n")
+        out.append(_CLOSE if http10 else _CHUNKED + _CLOSE)
+        out.append(b"\r\n")
+        pending = b"".join(out)
+        out.clear()
+        try:
+            if head:
+                await self.stream.send_all(pending)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_eof, nursery.cancel_scope)
+                await self._pump(pending, iterator, chunked=not http10)
+                nursery.cancel_scope.cancel()
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(LINGER_SECONDS):
+                    await aclose()
+
+    async def _pump(self, pending: bytes, iterator: AsyncIterator[bytes], *, chunked: bool) -> None:
+        send_all = self.stream.send_all
+        try:
+            await send_all(pending)
+            async for chunk in iterator:
+                if chunk:
+                    await send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                await send_all(_LAST_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-stream
+        except Exception:
+            # No terminating chunk: the client sees a truncated stream, not a complete one.
+            log.exception("lean listener: stream reply failed")
+            self.server.stats.handler_errors += 1
+
+    async def _watch_eof(self, scope: trio.CancelScope) -> None:
+        """While a stream is sent, read (and drop) what the client sends: EOF means it left."""
+        try:
+            while await self.stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    async def _close(self) -> None:
+        """Half-close, then drain the client's unread bytes for a moment, so the replies
+        already sent reach it before the socket closes (an RST could discard them)."""
+        try:
+            await self.stream.send_eof()
+            with trio.move_on_after(LINGER_SECONDS):
+                while await self.stream.receive_some(RECEIVE_SIZE):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _split_target(target: bytes) -> tuple[str, bytes]:
+    """Path (percent-decoded UTF-8, like ASGI's `path`) and raw query of a request target."""
+    if not target.startswith(b"/"):
+        if target == b"*":
+            return "*", b""
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refused(400, "invalid request target") from None
+        if url.path is None or not url.path.startswith(b"/"):
+            raise _Refused(400, "invalid request target")
+        raw_path, query = url.path, url.query or b""
+    else:
+        raw_path, _, query = target.partition(b"?")
+    if b"%" in raw_path:
+        raw_path = unquote_to_bytes(raw_path)
+    try:
+        return raw_path.decode(), query
+    except UnicodeDecodeError:
+        raise _Refused(400, "request path is not UTF-8") from None
+
+
+def _parse_error(exc: httptools.HttpParserError) -> str:
+    # llhttp's reason, without characters that would need JSON escaping.
+    reason = "".join(c for c in str(exc) if c.isalnum() or c in " -:,.") or "bad request"
+    return "malformed request: " + reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+async def _accept(listener: trio.SocketListener, nursery: trio.Nursery, server: _Server) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except trio.ClosedResourceError:
+            return
+        except OSError as exc:
+            # Out of file descriptors or memory: wait for connections to close, like
+            # trio.serve_listeners does.
+            log.error("lean listener: accept failed (%s), retrying", exc)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(server.serve_connection, stream)
+
+
+async def serve_lean(
+    handler: Handler,
+    listeners: Sequence[trio.SocketListener],
+    *,
+    max_body: int = MAX_BODY,
+    keepalive_timeout: float = 5.0,
+    header_timeout: float = 10.0,
+    max_requests: int | None = None,
+    graceful_timeout: float = 5.0,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    stats: ListenerStats | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `handler` on `listeners` until cancelled or until `shutdown_trigger` returns.
+
+    Shutdown: the listeners close, idle connections close, requests in flight get
+    `graceful_timeout` to finish (their replies carry `connection: close`, streams run until
+    their iterator ends), then whatever is left is cancelled.
+    """
+    server = _Server(
+        handler,
+        max_body,
+        keepalive_timeout,
+        header_timeout,
+        max_requests,
+        stats if stats is not None else ListenerStats(),
+    )
+    async with trio.open_nursery() as connections:
+        try:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept, listener, connections, server)
+                task_status.started()
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                await shutdown_trigger()
+                accepting.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+        server.drain()
+        connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
