@@ -52,12 +52,15 @@ from ._requests import (
 from ._routing import ROUTES, Op, Role, Route, Router, RouteSpec
 from ._sse import (
     KEEPALIVE,
+    Gap,
     Published,
+    Send,
     SseEvent,
     SseParser,
     SseStream,
     catch_up_frame,
     encode_frame,
+    parse_event_id,
 )
 from ._status import (
     ALIASES,
@@ -179,6 +182,7 @@ __all__ = [
     "CreateRequest",
     "Envelope",
     "FlyEvent",
+    "Gap",
     "IdempotencyUnsupported",
     "Ignored",
     "KeyReused",
@@ -196,6 +200,7 @@ __all__ = [
     "RouteSpec",
     "Router",
     "Rule",
+    "Send",
     "ServiceError",
     "SortKey",
     "SseEvent",
@@ -243,6 +248,7 @@ __all__ = [
     "openapi_document",
     "parse_after",
     "parse_event",
+    "parse_event_id",
     "parse_id",
     "parse_idempotency_key",
     "parse_query",

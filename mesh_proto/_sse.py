@@ -23,14 +23,34 @@ snapshot saw, and the stream would never end. A higher rank is always news; only
 events are told apart by revision. Since the mark moves with every status frame sent, a client
 never sees a status go back, even when two publishers' events reach the hub out of order.
 
+Ids and resume (the contract's stream; `docs/contract.md`, "SSE"). Every frame carries `id:
+{rev}.{seq}`: `rev` the envelope revision the client has after the frame, `seq` the highest
+event seq (`Published.seq`, given by the broadcaster) the stream has passed. Ids never go back
+on a stream. A client that reconnects with that id (`resume`) gets, after the runtime read the
+snapshot and asked the broadcaster to replay the buffered FLY events after `seq` (`start`):
+
+- the replayed FLY events, then the snapshot if it is news (a revision above `rev`) or
+  terminal (a terminal envelope always answers one frame and ends); the snapshot goes last
+  because it is the newest state, so a stream that ends with it still delivers the tokens;
+- `event: gap`, a fresh snapshot and the FLY events that survived, when events were lost (the
+  broadcaster says `gap`) or the id is malformed or unknown (a revision above the stored one):
+  the client starts over instead of waiting for what will never come;
+- then live events, minus the FLY events already replayed (told apart by seq).
+
+The bare id `0` means "nothing yet": the snapshot and every buffered FLY event. A revision tie
+between different statuses (see above) cannot be seen from an id; such a resume sends no
+snapshot, but a terminal one always is. The frame bytes stay encoded once: the id line is
+prepended per stream, and `Published.framed` caches the last result, since every subscriber of
+one envelope is usually at the same id.
+
 `SseParser` reads a byte stream back into events (for tests and clients).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Any, Final
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -40,6 +60,12 @@ from ._status import RANK, Applied
 
 KEEPALIVE: Final = b":keepalive\n\n"
 _TERMINAL_RANK: Final = max(RANK.values())
+# A resume point: `{rev}.{seq}`, two non-negative integers (of a bounded length).
+_EVENT_ID: Final = re.compile(r"(\d{1,19})\.(\d{1,19})")
+# The id a client sends to get everything still buffered (see the module comment).
+FROM_START: Final = "0"
+
+EventId: TypeAlias = tuple[int, int]
 
 
 def encode_frame(event: str, data: Any, *, event_id: str | None = None) -> bytes:
@@ -70,9 +96,21 @@ class Published:
     # the store that published it with its write); None until then.
     seq: int | None = None
 
+    # The last `framed` result (event id, bytes): one per event, shared by its subscribers.
+    _framed: list[Any] = attrs.field(factory=list, eq=False, repr=False, init=False)
+
     @property
     def is_fly(self) -> bool:
         return self.version is None
+
+    def framed(self, event_id: EventId) -> bytes:
+        """The frame with its `id:` line, cached for the next stream at the same id."""
+        cache = self._framed
+        if cache and cache[0] == event_id:
+            return cache[1]  # type: ignore[no-any-return]
+        framed = id_line(event_id) + self.frame
+        cache[:] = (event_id, framed)
+        return framed
 
     @classmethod
     def status(cls, applied: Applied) -> Published:
@@ -92,14 +130,151 @@ class Published:
         return cls(frame=encode_frame("fly", data))
 
 
+def id_line(event_id: EventId) -> bytes:
+    return b"id: %d.%d\n" % event_id
+
+
+def parse_event_id(value: str) -> EventId | None:
+    """A `Last-Event-ID` as (rev, seq); None when it is not one this API sent."""
+    match = _EVENT_ID.fullmatch(value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@attrs.frozen
+class Gap:
+    """The frame telling a resuming client that it missed events it cannot get back."""
+
+    last_event_id: str
+
+    def frame(self) -> bytes:
+        return encode_frame("gap", {"last_event_id": self.last_event_id})
+
+
+# What a stream sends, in order: a snapshot, a published event, or a gap notice, with its id.
+Send: TypeAlias = tuple[Envelope | Published | Gap, EventId]
+
+
 @attrs.define(eq=False)
 class SseStream:
-    """The state of one SSE stream (see the module comment)."""
+    """The state of one SSE stream (see the module comment).
+
+    `retry` (seconds) is the reconnect delay the first bytes advise (`retry:`); None: none.
+    """
 
     keepalive: float
+    retry: float | None = None
     done: bool = False
     _seen: tuple[int, int] | None = None
     _last_sent: float = 0.0
+    # What the client has: the revision and the highest event seq (the frames' ids).
+    _rev: int = 0
+    _seq: int = 0
+    # The id to resume from (None: a fresh stream), and whether it is one this API sent.
+    _resume_id: str | None = None
+    _resume: EventId | None = None
+    _opened: bool = False
+
+    @property
+    def seq(self) -> int:
+        """The highest event seq passed: where a replay for this stream starts."""
+        return self._seq
+
+    def resume(self, last_event_id: str | None) -> int | None:
+        """Take the client's `Last-Event-ID`; returns the seq after which the broadcaster is to
+        replay FLY events (None: nothing to replay, the stream starts fresh or over)."""
+        self._resume_id = last_event_id
+        if last_event_id == FROM_START:
+            return 0
+        self._resume = parse_event_id(last_event_id) if last_event_id is not None else None
+        return self._resume[1] if self._resume is not None else None
+
+    def start(
+        self, envelope: Envelope, replayed: Sequence[Published] = (), gap: bool = False
+    ) -> list[Send]:
+        """What to send first, given the snapshot read after subscribing and, on a resume, the
+        replay the broadcaster answered (`Broadcaster.replay`)."""
+        asked = self._resume_id
+        if asked is None:
+            return [self._snapshot(envelope)]
+        known = asked == FROM_START or (
+            self._resume is not None and self._resume[0] <= envelope.revision
+        )
+        if not known or gap:
+            return self._over(envelope, replayed if known else (), asked)
+        if self._resume is None:  # from the start
+            return [*self._replay(replayed), self._snapshot(envelope)]
+        self._rev, self._seq = self._resume
+        sends = self._replay(replayed)
+        if envelope.revision > self._resume[0] or envelope.terminal:
+            sends.append(self._snapshot(envelope))
+        else:
+            self._seen = (RANK[envelope.status], envelope.revision)
+        return sends
+
+    def resync(
+        self, envelope: Envelope, replayed: Sequence[Published] = (), gap: bool = False
+    ) -> list[Send]:
+        """After the broadcaster lost events for this stream (a slow client's overflow, a watch
+        stream that reconnected): the replayed FLY events after `seq`, then a fresh snapshot;
+        on a gap, the gap notice first."""
+        if gap:
+            return self._over(envelope, replayed, f"{self._rev}.{self._seq}")
+        return [*self._replay(replayed), self._snapshot(envelope)]
+
+    def _over(
+        self, envelope: Envelope, replayed: Sequence[Published], last_event_id: str
+    ) -> list[Send]:
+        """Start over: the gap notice, a fresh snapshot, and the FLY events that survived.
+
+        The id stays where the stream is (0.0 on a resume: the client's seq may be bogus)."""
+        gap: Send = (Gap(last_event_id), (self._rev, self._seq))
+        return [gap, self._snapshot(envelope), *self._replay(replayed)]
+
+    def _snapshot(self, envelope: Envelope) -> Send:
+        self.catch_up(envelope)
+        self._rev = envelope.revision
+        return (envelope, (self._rev, self._seq))
+
+    def _replay(self, replayed: Sequence[Published]) -> list[Send]:
+        sends: list[Send] = []
+        for event in replayed:
+            if event.seq is not None and event.seq > self._seq and not self.done:
+                self._seq = event.seq
+                sends.append((event, (self._rev, self._seq)))
+        return sends
+
+    def passed(self, events: Iterable[Published]) -> list[Send]:
+        """The live events to send, with their ids (see `live` for the verdicts); FLY events
+        already replayed (seq not above the stream's) are dropped."""
+        sends: list[Send] = []
+        for event in events:
+            if event.is_fly and event.seq is not None and event.seq <= self._seq:
+                continue
+            if not self.live([event]):
+                continue
+            if event.seq is not None:
+                self._seq = max(self._seq, event.seq)
+            if event.version is not None:
+                self._rev = event.version
+            sends.append((event, (self._rev, self._seq)))
+        return sends
+
+    def encode(self, sends: Iterable[Send]) -> bytes:
+        """The contract's bytes of `sends`: each frame with its `id:` line; the first bytes of
+        the stream advise the reconnect delay (`retry:`)."""
+        out = []
+        for item, event_id in sends:
+            if isinstance(item, Published):
+                out.append(item.framed(event_id))
+            elif isinstance(item, Envelope):
+                out.append(id_line(event_id) + catch_up_frame(item))
+            else:
+                out.append(id_line(event_id) + item.frame())
+        if not self._opened and self.retry is not None:
+            retry = b"retry: %d\n" % round(self.retry * 1000)
+            out.insert(0, retry if out else retry + b"\n")
+        self._opened = True
+        return b"".join(out)
 
     def catch_up(self, envelope: Envelope) -> bytes:
         """The catch-up frame for the snapshot read after subscribing."""

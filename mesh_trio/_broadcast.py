@@ -29,6 +29,11 @@ Decisions, made for that second implementation and kept cheap for the first:
   configuration), entered by `serve()` after the store and left before it.
 - `statistics()` returns a frozen `BroadcastStatistics` of the local fan-out; an implementation
   with more to count returns a subclass with extra fields.
+- Seqs and replay: every event gets a `seq` at publish (`Published.seq`: kept when set, the
+  bus's; else given by the broadcaster, increasing per key), and the broadcaster keeps a
+  bounded buffer of each key's FLY events, so a stream resuming with `Last-Event-ID` (or
+  resyncing) gets what it missed: `replay(key, after)`, with `gap` when some are lost. Status
+  events need no buffer: the store's snapshot holds them.
 - Order: frames of one key reach each subscriber in the order `publish` was called for it in
   this process; across replicas, in the order the watch stream carries them.
 """
@@ -96,6 +101,11 @@ class Broadcaster(Protocol):
 
     def subscribers(self, key: str) -> int:
         """How many subscriptions to `key` this process holds."""
+        ...
+
+    async def replay(self, key: str, after: int) -> tuple[list[Published], bool]:
+        """The buffered FLY events of `key` with seq above `after`, oldest first, and whether
+        some of them are lost (dropped from the buffer, or `after` is not a seq given yet)."""
         ...
 
     def close(self) -> None:

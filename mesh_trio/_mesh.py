@@ -17,7 +17,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,11 +34,13 @@ from mesh_proto import (
     CreateRequest,
     Envelope,
     FlyEvent,
+    Gap,
     KeyReused,
     ListQuery,
     NotFound,
     Outcome,
     Published,
+    Send,
     ServiceError,
     SseStream,
     Status,
@@ -106,14 +108,31 @@ def _as_published(envelope_id: str, published: Published, now: datetime) -> byte
 @attrs.frozen
 class SseDialect:
     """How a stream encodes what the core lets through: the catch-up snapshot, each live event
-    (given the envelope id and `now`), and the keepalive comment. The default is the contract's
-    (docs/contract.md, "SSE"): the envelope as GET returns it, and the frames as published
-    (encoded once for everyone).
+    (given the envelope id and `now`), and the keepalive comment. The default encodes the
+    contract's frames (docs/contract.md, "SSE"): the envelope as GET returns it, and the frames
+    as published (encoded once for everyone). `resume` is the contract's stream itself: frames
+    with ids, `retry:`, `Last-Event-ID` and replay (`mesh_proto.SseStream.encode`; the two
+    encoders are then unused); another dialect's frames carry no ids and it cannot resume.
     """
 
     snapshot: Callable[[Envelope], bytes] = catch_up_frame
     live: Callable[[str, Published, datetime], bytes] = _as_published
     keepalive: bytes = KEEPALIVE
+    resume: bool = False
+
+    def encode(self, state: SseStream, envelope_id: str, sends: list[Send], now: datetime) -> bytes:
+        if self.resume:
+            return state.encode(sends)
+        return b"".join(
+            self.live(envelope_id, item, now)
+            if isinstance(item, Published)
+            else self.snapshot(item)
+            for item, _ in sends
+            if not isinstance(item, Gap)
+        )
+
+
+CONTRACT_DIALECT = SseDialect(resume=True)
 
 
 @attrs.define(eq=False)
@@ -133,6 +152,8 @@ class Mesh:
     metrics: MeshMetrics = attrs.field(factory=MeshMetrics)
     # How long an `Idempotency-Key` is remembered (`ASYA_MESH_IDEMPOTENCY_TTL`), in seconds.
     idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
+    # The reconnect delay SSE streams advise (`ASYA_MESH_SSE_RETRY`), in seconds.
+    sse_retry: float = 3.0
 
     async def create(
         self,
@@ -362,35 +383,38 @@ class Mesh:
 
         Subscribes before reading the snapshot, so nothing published in between is lost; ends
         after a terminal status, when the broadcaster closes (shutdown), or when the caller stops.
-        The core's `SseStream` decides what passes; `dialect` only encodes it (the legacy
-        stream of `mesh_compat` is this loop with another dialect).
+        The core's `SseStream` decides what passes (and, resuming from `last_event_id`, what
+        to replay); `dialect` only encodes it (the legacy stream of `mesh_compat` is this loop
+        with another dialect, which does not resume).
         """
-        dialect = dialect or SseDialect()
-        state = SseStream(keepalive=self.keepalive)
+        dialect = dialect or CONTRACT_DIALECT
+        state = SseStream(
+            keepalive=self.keepalive, retry=self.sse_retry if dialect.resume else None
+        )
+        after = state.resume(last_event_id) if dialect.resume else None
         async with self.broadcaster.subscribe(envelope_id) as sub:
             envelope = await self.store.get(envelope_id)
             if envelope is None:
                 return
             self.live.mark(envelope)
-            state.catch_up(envelope)
-            yield dialect.snapshot(envelope)
+            replayed = await self._replay(envelope_id, after)
+            yield dialect.encode(state, envelope_id, state.start(envelope, *replayed), self.clock())
             state.sent(trio.current_time())
             while not state.done:
                 with trio.move_on_after(state.keepalive_in(trio.current_time())):
                     await sub.wait()
                 pending, resync = sub.take()
-                frames = []
+                sends = []
                 if resync:
                     envelope = await self.store.get(envelope_id)
                     if envelope is None:
                         return
-                    state.catch_up(envelope)
-                    frames.append(dialect.snapshot(envelope))
-                now = self.clock()
-                for published in pending:
-                    if state.live([published]):  # one at a time: the verdict for each
-                        frames.append(dialect.live(envelope_id, published, now))
-                chunk = b"".join(frames)
+                    replayed = await self._replay(
+                        envelope_id, state.seq if dialect.resume else None
+                    )
+                    sends = state.resync(envelope, *replayed)
+                sends += state.passed(pending)
+                chunk = dialect.encode(state, envelope_id, sends, self.clock()) if sends else b""
                 if not chunk and state.keepalive_in(trio.current_time()) == 0:
                     chunk = dialect.keepalive
                 if chunk:
@@ -398,6 +422,14 @@ class Mesh:
                     state.sent(trio.current_time())
                 if sub.closed:
                     return
+
+    async def _replay(
+        self, envelope_id: str, after: int | None
+    ) -> tuple[Sequence[Published], bool]:
+        """The broadcaster's replay after `after` (None: none asked for)."""
+        if after is None:
+            return (), False
+        return await self.broadcaster.replay(envelope_id, after)
 
     async def ready(self) -> None:
         """Raises `ServiceError` (503) unless both the store and the queue transport answer."""

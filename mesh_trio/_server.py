@@ -97,7 +97,7 @@ async def open_broadcaster(config: Config) -> AsyncIterator[Broadcaster]:
     A broadcaster across replicas (through the state proxy) will be chosen here from `config`;
     `_broadcast.py` says what it needs.
     """
-    hub = Hub()
+    hub = Hub(buffer=config.event_buffer, buffer_age=config.event_buffer_age)
     try:
         yield hub
     finally:
@@ -179,6 +179,7 @@ async def serve(
             gateway_url=config.internal_url,
             keepalive=config.sse_keepalive,
             idempotency_ttl=config.idempotency_ttl,
+            sse_retry=config.sse_retry,
             tracing=config.tracing,
             otel=otel,
             metrics=metrics,

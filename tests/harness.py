@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +112,11 @@ class SseClient:
     events: list[SseEvent] = attrs.field(factory=list)
     ended: bool = False
     parser: SseParser = attrs.field(factory=SseParser)
+
+    @property
+    def plain(self) -> bytes:
+        """`raw` without the `id:` and `retry:` lines: the frames as they are encoded once."""
+        return re.sub(rb"(?m)^(?:id|retry): [^\n]*\n", b"", self.raw)
 
     async def _pump(self) -> None:
         while True:

@@ -29,12 +29,12 @@ async def test_live_frames_exact_bytes_and_terminal_close(mesh: MeshClient) -> N
     envelope_id = await mesh.create()
     stream = await mesh.sse(envelope_id)
     await stream.wait_for(1)
-    head = len(stream.raw)
+    head = len(stream.plain)
     await mesh.status(envelope_id, "running", {"step": 1})
     await mesh.fly(envelope_id, {"token": "a\nb"})
     await mesh.status(envelope_id, "succeeded", {"result": {"x": 1}})
     await stream.wait_end()
-    assert stream.raw[head:] == (
+    assert stream.plain[head:] == (
         b'event: status\ndata: {"step":1,"status":"running"}\n\n'
         b'event: fly\ndata: {"token":"a\\nb"}\n\n'
         b'event: status\ndata: {"result":{"x":1},"status":"succeeded"}\n\n'
@@ -75,7 +75,7 @@ async def test_keepalive_after_silence(nursery: trio.Nursery) -> None:
     envelope_id = await mesh.create()
     stream = await mesh.sse(envelope_id)
     await stream.wait_raw(b":keepalive\n\n:keepalive\n\n")
-    assert stream.raw.startswith(catch_up_frame_prefix())
+    assert stream.plain.startswith(catch_up_frame_prefix())
     await mesh.fly(envelope_id, 1)
     await stream.wait_raw(b"event: fly\ndata: 1\n\n")
     await stream.aclose()
@@ -120,7 +120,7 @@ async def test_many_subscribers_get_every_status_frame(mesh: MeshClient) -> None
     expected.append(encode_frame("status", {"status": "succeeded"}))
     for stream in streams:
         await stream.wait_end()
-        assert stream.raw.endswith(b"".join(expected))
+        assert stream.plain.endswith(b"".join(expected))
 
 
 async def test_client_disconnect_unsubscribes(nursery: trio.Nursery) -> None:

@@ -77,7 +77,7 @@ async def test_a_frozen_state_proxy_changes_no_outcome(
     stream = await mesh.sse(envelope_id)
     assert stream.status == 200
     await stream.wait_for(1)
-    head = len(stream.raw)
+    head = len(stream.plain)
 
     async def post_steps(steps: range) -> None:
         for step in steps:
@@ -109,7 +109,7 @@ async def test_a_frozen_state_proxy_changes_no_outcome(
         for step in range(10)
     )
     expected += encode_frame("status", {"result": "done", "status": "succeeded"})
-    assert stream.raw[head:] == expected
+    assert stream.plain[head:] == expected
 
     listed = (await mesh.ext("GET", "?limit=100")).json()
     assert listed["total"] == 11
