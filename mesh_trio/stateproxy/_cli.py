@@ -90,6 +90,8 @@ async def _run(settings: Settings) -> StartupError | None:
                         shutdown_trigger=first_signal.wait,
                         grace_period=settings.grace,
                         metrics_port=settings.metrics_port,
+                        event_buffer=settings.event_buffer,
+                        event_age=settings.event_age,
                     )
                 except StartupError as exc:
                     failed.append(exc)

@@ -9,6 +9,10 @@
 # chunked body streams in); the connection then ends with a bounded lingering close, since the
 # rest of that body is never parsed.
 #
+# A response with a `stream` (the event bus's watch) is sent chunked instead: the head first,
+# then whatever the stream writes, each write one chunk, then the terminating chunk when the
+# stream returns; the connection may then serve its next request.
+#
 # Shutdown is a drain: `begin_drain` stops accepting, closes connections that are idle between
 # requests, and lets each busy one finish its current request, answered with
 # ``Connection: close``; `finished` is set when the last connection is gone. Whoever owns the
@@ -48,14 +52,21 @@ class Request:
     body: bytes
 
 
+#: A streamed body: called with a `write` that sends one chunk (``b""``: only the head, if not
+#: sent yet); the response ends when it returns.
+Stream = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
 @attrs.frozen(kw_only=True)
 class Response:
-    """A complete response. A 204 carries no body and no Content-Type."""
+    """A response: `body`, or else `stream` sent chunked. A 204 carries no body and no
+    Content-Type."""
 
     status: int
     body: bytes = b""
     content_type: bytes = b"application/json"
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    stream: Stream | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -247,9 +258,11 @@ class HttpServer:
         self, conn: _Connection, response: Response, *, head: bool, close: bool
     ) -> None:
         headers = list(response.headers)
+        stream = None if head else response.stream
         if response.status != 204:
             headers.append((b"content-type", response.content_type))
-            headers.append((b"content-length", str(len(response.body)).encode()))
+            if stream is None:  # else h11 frames it chunked
+                headers.append((b"content-length", str(len(response.body)).encode()))
         if close:
             headers.append((b"connection", b"close"))
         reason = _REASONS.get(response.status, b"")
@@ -257,6 +270,9 @@ class HttpServer:
             h11.Response(status_code=response.status, headers=headers, reason=reason)
         )
         assert out is not None
+        if stream is not None:
+            await self._send_stream(conn, out, stream)
+            return
         if response.body and not head and response.status != 204:
             data = conn.h11.send(h11.Data(data=response.body))
             assert data is not None
@@ -264,3 +280,19 @@ class HttpServer:
         end = conn.h11.send(h11.EndOfMessage())
         assert end is not None
         await conn.stream.send_all(out + end)
+
+    async def _send_stream(self, conn: _Connection, head: bytes, stream: Stream) -> None:
+        unsent = [head]
+
+        async def write(data: bytes) -> None:
+            out = conn.h11.send(h11.Data(data=data)) if data else b""
+            assert out is not None
+            if unsent:
+                out = unsent.pop() + out
+            if out:
+                await conn.stream.send_all(out)
+
+        await stream(write)
+        end = conn.h11.send(h11.EndOfMessage())
+        assert end is not None
+        await conn.stream.send_all(b"".join(unsent) + end)

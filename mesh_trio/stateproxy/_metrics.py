@@ -4,7 +4,9 @@
 # are counted by `Router.handle` as they are answered: by operation and status, with a latency
 # histogram (each request is one statement, or two for a guarded write, so this is the
 # statement latency as the client sees it). The PostgreSQL pool's and the HTTP server's
-# `statistics()` are read only when scraped (`_Snapshots`, a custom collector).
+# `statistics()` are read only when scraped (`_Snapshots`, a custom collector). The event bus
+# counts published events and watch streams opened as they happen (one `inc` each), and the
+# streams open now when scraped.
 #
 # `serve_metrics` answers `GET /metrics` on a TCP listener with the proxy's own small HTTP
 # server (`_http.HttpServer`), as a task of the proxy's nursery: no thread, nothing outlives
@@ -23,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from mesh_proto import error_body
 
+from ._events import EventBus
 from ._http import HttpServer, Request, Response
 from ._pg import PgPool
 
@@ -31,22 +34,32 @@ METRICS_PATH = b"/metrics"
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _KEY_OPS = {b"GET": "get", b"HEAD": "head", b"PUT": "put", b"DELETE": "delete"}
-_PATH_OPS = {b"/keys/": "keys", b"/query": "query", b"/healthz": "health"}
+_PATH_OPS = {
+    b"/keys/": "keys",
+    b"/query": "query",
+    b"/healthz": "health",
+    b"/events": "publish",
+    b"/events/watch": "watch",
+}
 
 
 def operation(request: Request) -> str:
     """The `op` label of a request: `get`, `head`, `put`, `delete` (a key), `keys`, `query`,
-    `health`, or `none` (no such route or method)."""
+    `health`, `publish`, `watch`, `replay`, or `none` (no such route)."""
     path = request.target.partition(b"?")[0]
     if path.startswith(b"/keys/") and len(path) > len(b"/keys/"):
         return _KEY_OPS.get(request.method, "none")
-    return _PATH_OPS.get(path, "none")
+    op = _PATH_OPS.get(path)
+    if op is None and path.startswith(b"/events/"):
+        return "replay"
+    return op or "none"
 
 
 @attrs.define(eq=False)
 class _Snapshots(Collector):
     pool: PgPool | None
     servers: list[HttpServer]
+    bus: EventBus | None
 
     def collect(self) -> Iterator[Metric]:
         connections = sum(server.statistics().connections for server in self.servers)
@@ -55,6 +68,12 @@ class _Snapshots(Collector):
             "client connections open now (the mesh API's pool)",
             value=connections,
         )
+        if self.bus is not None:
+            yield GaugeMetricFamily(
+                "asya_state_proxy_watch_streams_open",
+                "event bus watch streams open now",
+                value=self.bus.watchers,
+            )
         if self.pool is None:
             return
         pool = self.pool.statistics()
@@ -82,7 +101,7 @@ class _Snapshots(Collector):
 class ProxyMetrics:
     """The state proxy's metrics, in a registry of its own (`render` serves it)."""
 
-    def __init__(self, pool: PgPool | None) -> None:
+    def __init__(self, pool: PgPool | None, bus: EventBus | None = None) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         #: The HTTP servers whose connections are reported (the proxy's own).
         self.servers: list[HttpServer] = []
@@ -99,8 +118,18 @@ class ProxyMetrics:
             registry=registry,
             buckets=BUCKETS,
         )
+        self.events_published = Counter(
+            "asya_state_proxy_events_published",
+            "events published on the bus by this proxy (POST /events and PUT ?publish=1)",
+            registry=registry,
+        )
+        self.watch_streams = Counter(
+            "asya_state_proxy_watch_streams",
+            "event bus watch streams opened",
+            registry=registry,
+        )
         self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-        registry.register(_Snapshots(pool, self.servers))
+        registry.register(_Snapshots(pool, self.servers, bus))
 
     def request(self, request: Request, status: int, seconds: float) -> None:
         """Count one answered request."""

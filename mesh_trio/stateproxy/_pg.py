@@ -18,13 +18,22 @@
 # Statements use the extended protocol with every parameter sent as binary `text` (so a NUL in a
 # value is an SQL error, never a silent truncation) and text results. A named statement is
 # prepared once per connection.
+#
+# Two additions serve the event bus. `PgPool.transaction` runs several statements on one pooled
+# connection between ``BEGIN`` and ``COMMIT``; whatever goes wrong inside (an SQL error, a lost
+# connection, a timeout, a cancellation) closes the connection, so the server rolls the whole
+# transaction back and no half of it is ever committed. `PgPool.listen` opens a connection
+# outside the pool that only LISTENs: its notifications are read with `notifies()` after
+# `consume_input` whenever the socket is readable, and a broken connection raises
+# `StoreUnavailable` to the one task reading it.
 
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import attrs
@@ -42,6 +51,7 @@ _BINARY = 1
 # intervention (shutdown, restart, terminated backend), insufficient resources.
 _UNAVAILABLE_CLASSES = ("08", "57", "53")
 _RETRYABLE_STATES = ("40001", "40P01")  # serialization failure, deadlock
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 @attrs.frozen
@@ -83,6 +93,10 @@ class _Conn:
             self.pgconn.status == pq.ConnStatus.OK
             and self.pgconn.transaction_status == pq.TransactionStatus.IDLE
         )
+
+    def alive(self) -> bool:
+        """The connection is usable, inside a transaction or not."""
+        return self.pgconn.status == pq.ConnStatus.OK
 
     def looks_alive(self) -> bool:
         """Check an idle connection without a round trip (see the module comment)."""
@@ -219,11 +233,80 @@ class PgPool:
         try:
             return await self._execute(sql, params, name, retry)
         except StoreUnavailable as exc:
-            self._failures += 1
-            if self._available:
-                self._available = False
-                logger.info("PostgreSQL at %s unavailable: %s", self.describe(), exc.message)
+            self._unavailable(exc)
             raise
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A `Transaction` on one pooled connection, committed when the block completes.
+
+        The first statement begins the transaction; leaving the block commits it (unless
+        `Transaction.rollback` was called). An exception out of the block, from a statement or
+        not, closes the connection instead, so PostgreSQL rolls everything back.
+
+        Raises:
+            StoreUnavailable: as for `execute`, from any statement or the commit.
+            PgError: a statement failed (all of the transaction is rolled back).
+        """
+        try:
+            async with self._connection() as conn:
+                tx = Transaction(self, conn)
+                yield tx
+                if tx.open:
+                    await tx.finish(b"COMMIT")
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            raise
+
+    async def listen(self, channel: str) -> Listener:
+        """A connection outside the pool that LISTENs on `channel` (lower-case identifier).
+
+        Raises:
+            StoreUnavailable: it cannot connect, or LISTEN failed.
+            ValueError: `channel` is not a lower-case identifier.
+        """
+        if _CHANNEL.fullmatch(channel) is None:
+            raise ValueError(f"bad channel name {channel!r}")
+        conn = await self._connect()
+        try:
+            with _deadline(self.statement_timeout):
+                result = await conn.run_script(b"LISTEN " + channel.encode())
+            self._check(result)
+        except psycopg.OperationalError as exc:
+            conn.close()
+            raise StoreUnavailable(
+                f"connection to PostgreSQL lost: {_first_line(str(exc))}"
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return Listener(conn)
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        self._failures += 1
+        if self._available:
+            self._available = False
+            logger.info("PostgreSQL at %s unavailable: %s", self.describe(), exc.message)
+
+    def _recovered(self) -> None:
+        if not self._available:
+            self._available = True
+            logger.info("PostgreSQL at %s available again", self.describe())
+
+    async def _statement(self, conn: _Conn, run: Callable[[], Awaitable[pq.abc.PGresult]]) -> Rows:
+        """One statement of a transaction on `conn`: its rows, or the error it raised."""
+        try:
+            with _deadline(self.statement_timeout):
+                result = await run()
+        except psycopg.OperationalError as exc:
+            lost: str | None = _first_line(str(exc))
+        else:
+            lost = None if conn.alive() else _first_line(_message(result))
+        if lost is not None:
+            raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
+        self._check(result)
+        self._recovered()
+        return _rows(result)
 
     async def execute_script(self, sql: bytes) -> None:
         """Run statements separated by semicolons (simple protocol, no parameters).
@@ -258,11 +341,8 @@ class PgPool:
             if not (retry and attempt == 1):
                 raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
         self._check(result)
-        if not self._available:
-            self._available = True
-            logger.info("PostgreSQL at %s available again", self.describe())
-        values = tuple(result.get_value(i, 0) for i in range(result.ntuples))
-        return Rows(values=values, affected=result.command_tuples or 0)
+        self._recovered()
+        return _rows(result)
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when they come back."""
@@ -366,6 +446,87 @@ class PgPool:
                 raise StoreUnavailable(f"cannot resolve PostgreSQL host {host!r}: {exc}") from None
             info["hostaddr"] = str(addrs[0][4][0])
         return psycopg.conninfo.make_conninfo("", **info).encode()
+
+
+@attrs.define(eq=False)
+class Transaction:
+    """Statements on one connection of a `PgPool`, between ``BEGIN`` and ``COMMIT``.
+
+    Made by `PgPool.transaction`, which commits it; `rollback` ends it early instead.
+    """
+
+    _pool: PgPool
+    _conn: _Conn
+    _state: str = "new"  # new (nothing sent), open (BEGIN sent), done
+
+    @property
+    def open(self) -> bool:
+        """BEGIN was sent and neither COMMIT nor ROLLBACK yet."""
+        return self._state == "open"
+
+    async def script(self, sql: bytes) -> Rows:
+        """Run semicolon-separated statements (simple protocol, no parameters); the rows of
+        the last. The first call sends ``BEGIN`` in the same round trip."""
+        if self._state == "new":
+            sql, self._state = b"BEGIN; " + sql, "open"
+        return await self._pool._statement(self._conn, lambda: self._conn.run_script(sql))
+
+    async def execute(
+        self, sql: bytes, params: Sequence[bytes] = (), *, name: bytes | None = None
+    ) -> Rows:
+        """Run one statement, as `PgPool.execute` (never retried)."""
+        if self._state == "new":
+            await self.script(b"SELECT 1")
+        conn = self._conn
+        return await self._pool._statement(conn, lambda: conn.run(sql, params, name))
+
+    async def rollback(self) -> None:
+        """Undo every statement so far; the transaction is over."""
+        if self.open:
+            await self.finish(b"ROLLBACK")
+        self._state = "done"
+
+    async def finish(self, command: bytes) -> None:
+        """Send ``COMMIT`` or ``ROLLBACK``."""
+        self._state = "done"
+        await self._pool._statement(self._conn, lambda: self._conn.run_script(command))
+
+
+@attrs.define(eq=False)
+class Listener:
+    """A connection of its own that LISTENs (`PgPool.listen`); read by one task at a time."""
+
+    _conn: _Conn
+
+    async def receive(self) -> list[bytes]:
+        """The payloads of the notifications that arrived, waiting for at least one.
+
+        Raises:
+            StoreUnavailable: the connection broke (backend terminated, server gone).
+        """
+        pg = self._conn.pgconn
+        while True:
+            payloads = []
+            while (notify := pg.notifies()) is not None:
+                payloads.append(notify.extra)
+            if payloads:
+                return payloads
+            await trio.lowlevel.wait_readable(self._conn.fileno)
+            try:
+                pg.consume_input()
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"LISTEN connection lost: {_first_line(str(exc))}") from None
+            if not self._conn.alive():
+                raise StoreUnavailable("LISTEN connection lost")
+
+    def close(self) -> None:
+        """Close the connection (its LISTEN ends with it)."""
+        self._conn.close()
+
+
+def _rows(result: pq.abc.PGresult) -> Rows:
+    values = tuple(result.get_value(i, 0) for i in range(result.ntuples))
+    return Rows(values=values, affected=result.command_tuples or 0)
 
 
 async def _poll_connect(pgconn: pq.abc.PGconn) -> None:

@@ -19,6 +19,11 @@
 # `FEATURES_HEADER`, so that a client can tell this proxy from one that would ignore ``if_rev``.
 # ``if_absent=1`` (ours too) writes only if the key does not exist (409 if it does), one
 # ``INSERT ... ON CONFLICT DO NOTHING``: the atomic claim of an idempotency key.
+#
+# The event bus (feature `events`, `_events.py`) adds ``POST /events``, ``GET /events/watch``
+# (a streamed reply), ``GET /events/{key}?after=N`` and ``PUT /keys/{key}?publish=1&origin=O``
+# (the write and its event in one transaction). A key named ``watch`` is replayed as
+# ``/events/%77atch`` or with ``after`` given: ``/events/watch`` without ``after`` is the watch.
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import trio
 from mesh_proto import (
     COLUMN_BOUNDS,
     DELETE_QUERY,
+    EVENTS,
     FEATURES_HEADER,
     IF_ABSENT,
     REV_GUARD,
@@ -43,10 +49,13 @@ from mesh_proto import (
     decode_key,
     decode_query_string,
     error_body,
+    is_origin,
+    parse_after,
     parse_revision,
 )
 
 from ._errors import Conflict, StartupError, StoreUnavailable
+from ._events import Batch, EventBus, parse_publish
 from ._http import HttpServer, Request, Response
 from ._metrics import ProxyMetrics, serve_metrics
 from ._pg import PgPool
@@ -65,26 +74,44 @@ DEFAULT_POOL_SIZE = 10
 #: Longest wait for one statement by default, in seconds.
 DEFAULT_PG_TIMEOUT = 30.0
 
-#: What this proxy adds to the Asya protocol, as its health reply lists them.
-FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT, COLUMN_BOUNDS)
+#: Events kept per key by default (``STATE_PROXY_EVENT_BUFFER``).
+DEFAULT_EVENT_BUFFER = 256
+#: Seconds an event is kept by default (``STATE_PROXY_EVENT_AGE``).
+DEFAULT_EVENT_AGE = 60.0
+
+#: What this proxy adds to the Asya protocol, as its health reply lists them (`EVENTS` only
+#: over PostgreSQL through our own pool, which the bus needs).
+FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT, COLUMN_BOUNDS, EVENTS)
 
 _KEYS = b"/keys/"
+_EVENTS = b"/events"
+_WATCH = b"/events/watch"
+_EVENTS_OF = b"/events/"
 _NO_CONTENT = Response(status=204)
 _OK_HEAD = Response(status=200)
-_HEALTHY = Response(
-    status=200,
-    body=b"ok",
-    content_type=b"text/plain; charset=utf-8",
-    headers=((FEATURES_HEADER.encode(), ",".join(FEATURES).encode()),),
-)
+_NDJSON = b"application/x-ndjson"
+
+
+def _healthy(features: Sequence[str]) -> Response:
+    return Response(
+        status=200,
+        body=b"ok",
+        content_type=b"text/plain; charset=utf-8",
+        headers=((FEATURES_HEADER.encode(), ",".join(features).encode()),),
+    )
+
+
+_HEALTHY = _healthy(FEATURES)
+_HEALTHY_WITHOUT_BUS = _healthy(tuple(f for f in FEATURES if f != EVENTS))
 
 
 @attrs.define(eq=False)
 class Router:
-    """Answers the state-proxy protocol over a `KvStore`."""
+    """Answers the state-proxy protocol over a `KvStore` and, if given, an `EventBus`."""
 
     store: KvStore
     metrics: ProxyMetrics | None = None
+    bus: EventBus | None = None
 
     async def handle(self, request: Request) -> Response:
         """Answer one request (counted in `metrics`, if any); never raises for anything the
@@ -127,7 +154,9 @@ class Router:
             if path == b"/healthz":
                 if method not in (b"GET", b"HEAD"):
                     return _not_allowed((b"GET", b"HEAD"))
-                return _HEALTHY
+                return _HEALTHY_WITHOUT_BUS if self.bus is None else _HEALTHY
+            if path.startswith(_EVENTS) and self.bus is not None:
+                return await self._events(self.bus, method, path, query, request.body)
             return Response(status=404, body=error_body("not found"))
         except StoreUnavailable as exc:
             return Response(
@@ -154,9 +183,11 @@ class Router:
         raw_rev = params.get(REV_GUARD)
         if_rev = None if raw_rev is None else parse_revision(raw_rev)
         if_absent = params.get(IF_ABSENT)
+        if if_absent is not None and (if_absent != "1" or if_status or if_rev):
+            raise BadRequest("if_absent must be 1, and takes no other guard")
+        if "publish" in params:
+            return await self._put_publish(key, params, body, if_status, if_rev)
         if if_absent is not None:
-            if if_absent != "1" or if_status is not None or if_rev is not None:
-                raise BadRequest("if_absent must be 1, and takes no other guard")
             if not await store.put_if_absent(key, body):
                 raise Conflict("condition failed: the key exists")
             return _NO_CONTENT
@@ -166,6 +197,59 @@ class Router:
         if not await store.put_if(key, body, status=if_status, revision=if_rev):
             raise Conflict(f"condition failed: {_guards(if_status, if_rev)}")
         return _NO_CONTENT
+
+    async def _put_publish(
+        self,
+        key: str,
+        params: dict[str, str],
+        body: bytes,
+        if_status: str | None,
+        if_rev: str | None,
+    ) -> Response:
+        if self.bus is None:
+            raise BadRequest("this state proxy has no event bus")
+        if params["publish"] != "1":
+            raise BadRequest("publish must be 1")
+        origin = params.get("origin")
+        if not is_origin(origin):
+            raise BadRequest("origin must be 1 to 64 characters of [A-Za-z0-9_.-]")
+        value, event = parse_publish(body)
+        absent = IF_ABSENT in params
+        seq = await self.bus.put_publish(
+            key, value, origin, event, status=if_status, revision=if_rev, absent=absent
+        )
+        if seq is None:
+            reason = "the key exists" if absent else _guards(if_status, if_rev)
+            raise Conflict(f"condition failed: {reason}")
+        if self.metrics is not None:
+            self.metrics.events_published.inc()
+        return Response(status=200, body=b'{"seq":%d}' % seq)
+
+    async def _events(
+        self, bus: EventBus, method: bytes, path: bytes, query: bytes, body: bytes
+    ) -> Response:
+        params = decode_query_string(query) if query else {}
+        if path == _EVENTS:
+            if method != b"POST":
+                return _not_allowed((b"POST",))
+            seqs = await bus.publish(Batch.parse(body))
+            if self.metrics is not None:
+                self.metrics.events_published.inc(len(seqs))
+            return Response(
+                status=200, body=b'{"seqs":[' + ",".join(map(str, seqs)).encode() + b"]}"
+            )
+        if not path.startswith(_EVENTS_OF) or len(path) == len(_EVENTS_OF):
+            return Response(status=404, body=error_body("not found"))
+        if method != b"GET":
+            return _not_allowed((b"GET",))
+        if path == _WATCH and "after" not in params:
+            stream = await bus.watch()
+            if self.metrics is not None:
+                self.metrics.watch_streams.inc()
+            return Response(status=200, content_type=_NDJSON, stream=stream)
+        key = decode_key(path[len(_EVENTS_OF) :])
+        after = parse_after(params.get("after", ""))
+        return Response(status=200, body=await bus.replay(key, after))
 
 
 def _not_allowed(allowed: Sequence[bytes]) -> Response:
@@ -193,6 +277,8 @@ async def serve_state_proxy(
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     grace_period: float = 10.0,
     metrics_port: int | None = None,
+    event_buffer: int = DEFAULT_EVENT_BUFFER,
+    event_age: float = DEFAULT_EVENT_AGE,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the state-proxy protocol on `socket_path`, backed by PostgreSQL at `pg_url`.
@@ -215,16 +301,21 @@ async def serve_state_proxy(
         grace_period: longest drain, in seconds.
         metrics_port: TCP port (all interfaces) answering ``GET /metrics`` in the Prometheus
             text format (docs/operations.md); None: no metrics, and no cost per request.
+        event_buffer: events the bus keeps per key for replays (at least 1).
+        event_age: seconds the bus keeps an event for replays.
         task_status: for ``nursery.start``.
 
     Raises:
-        ValueError: an index field name is invalid, or `pg_url` cannot be parsed.
+        ValueError: an index field name is invalid, `pg_url` cannot be parsed, or
+            `event_buffer` / `event_age` is not positive.
         StartupError: PostgreSQL cannot be used (``setting == "pg_url"``), the socket cannot
             be served (``setting == "socket"``) or the metrics port cannot be bound
             (``setting == "metrics_port"``).
     """
     fields = check_indexes(indexes)
     check_pg_url(pg_url)
+    if event_buffer < 1 or not event_age > 0:
+        raise ValueError("event_buffer and event_age must be positive")
     pool = PgPool(
         pg_url,
         max_size=pool_size,
@@ -240,6 +331,7 @@ async def serve_state_proxy(
         task_status,
         max_body=max_body,
         metrics_port=metrics_port,
+        bus=EventBus(pool, buffer=event_buffer, age=event_age),
     )
 
 
@@ -253,17 +345,23 @@ async def _serve(
     *,
     max_body: int = MAX_BODY,
     metrics_port: int | None = None,
+    bus: EventBus | None = None,
 ) -> None:
-    """`serve_state_proxy` over any `Database` (the benchmark plugs in other drivers)."""
+    """`serve_state_proxy` over any `Database` (the benchmark plugs in other drivers; only
+    our `PgPool` carries a `bus`)."""
     where = db.describe() if isinstance(db, PgPool) else type(db).__name__
     try:
         store = KvStore(db)
         try:
             await store.ensure_schema(indexes)
+            if bus is not None:
+                await bus.ensure_schema()
         except StoreUnavailable as exc:
             raise StartupError("pg_url", f"cannot use PostgreSQL at {where}: {exc}") from None
         metrics = (
-            None if metrics_port is None else ProxyMetrics(db if isinstance(db, PgPool) else None)
+            None
+            if metrics_port is None
+            else ProxyMetrics(db if isinstance(db, PgPool) else None, bus)
         )
         # Bound before the nursery opens, so that a failure is a plain `StartupError`.
         metrics_listeners = [] if metrics_port is None else await _listen_tcp(metrics_port)
@@ -273,9 +371,11 @@ async def _serve(
             for each in metrics_listeners:
                 await each.aclose()
             raise
-        server = HttpServer(Router(store, metrics).handle, max_body)
+        server = HttpServer(Router(store, metrics, bus).handle, max_body)
         try:
             async with trio.open_nursery() as nursery:
+                if bus is not None:
+                    await nursery.start(bus.run)
                 await nursery.start(server.serve, listener)
                 if metrics is not None:
                     metrics.servers.append(server)
@@ -293,6 +393,8 @@ async def _serve(
                 await shutdown_trigger()
                 connections = server.statistics().connections
                 logger.info("asya-state-proxy draining (%d connections open)", connections)
+                if bus is not None:
+                    bus.close()  # watch streams end, so their connections can close
                 server.begin_drain()
                 with trio.move_on_after(grace_period):
                     await server.finished.wait()

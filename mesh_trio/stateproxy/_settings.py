@@ -133,6 +133,29 @@ def parse_grace(text: str) -> float:
     return value
 
 
+def parse_positive_int(text: str) -> int:
+    """A whole number >= 1 from `"256"`.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not text.isdecimal() or not text.isascii() or int(text) < 1:
+        raise ValueError(f"{text!r} (want a whole number >= 1)")
+    return int(text)
+
+
+def parse_age(text: str) -> float:
+    """Seconds > 0 from `"60"` or `"60s"`.
+
+    Raises:
+        ValueError: not a number of seconds > 0.
+    """
+    value = parse_grace(text) if text else 0.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{text!r} (want seconds > 0)")
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class Setting:
     """One environment variable: the `Settings` field it fills, its default and its meaning.
@@ -208,6 +231,20 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         meaning="TCP port (all interfaces) serving Prometheus GET /metrics; unset: no metrics",
         parse=parse_port,
     ),
+    Setting(
+        env="STATE_PROXY_EVENT_BUFFER",
+        field="event_buffer",
+        default="256",
+        meaning="events kept per key for event bus replays (the newest ones)",
+        parse=parse_positive_int,
+    ),
+    Setting(
+        env="STATE_PROXY_EVENT_AGE",
+        field="event_age",
+        default="60",
+        meaning="seconds an event is kept for event bus replays, e.g. 60 or 60s",
+        parse=parse_age,
+    ),
 )
 
 
@@ -222,6 +259,8 @@ class Settings:
     log_format: str = "text"
     grace: float = 10.0
     metrics_port: int | None = None
+    event_buffer: int = 256
+    event_age: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -94,6 +94,31 @@ def index_name(field: str) -> str:
     return f"kv_value_{field}"
 
 
+def write_statement(
+    *, status: str | None = None, revision: str | None = None, absent: bool = False
+) -> tuple[bytes, bytes, tuple[bytes, ...]]:
+    """The write a PUT with these guards makes: its SQL (``$1`` key, ``$2`` value, then the
+    guards), the name it is prepared under, and the guards' parameters. No guard: the upsert.
+    """
+    guards = tuple(g.encode() for g in (status, revision) if g is not None)
+    if absent:
+        return _PUT_IF_ABSENT, b"sp_put_if_absent", ()
+    if status is not None and revision is not None:
+        return _PUT_IF_BOTH, b"sp_put_if_both", guards
+    if revision is not None:
+        return _PUT_IF_REV, b"sp_put_if_rev", guards
+    if status is not None:
+        return _PUT_IF_STATUS, b"sp_put_if", guards
+    return _PUT, b"sp_put", ()
+
+
+def client_error(exc: PgError, what: str) -> BadRequest | PgError:
+    """`exc` as the client's mistake (`BadRequest`) when PostgreSQL refused its data."""
+    if exc.sqlstate[:2] in _CLIENT_CLASSES:
+        return BadRequest(f"{what}: {exc.message}")
+    return exc
+
+
 @attrs.define(eq=False)
 class KvStore:
     """The state-proxy operations over the kv table.
@@ -170,14 +195,8 @@ class KvStore:
         Returns:
             True if written; False if the key is missing or a guard does not hold.
         """
-        guards = tuple(g.encode() for g in (status, revision) if g is not None)
-        if status is not None and revision is not None:
-            sql, name = _PUT_IF_BOTH, b"sp_put_if_both"
-        elif revision is not None:
-            sql, name = _PUT_IF_REV, b"sp_put_if_rev"
-        else:
-            assert status is not None, "put_if needs a guard"
-            sql, name = _PUT_IF_STATUS, b"sp_put_if"
+        assert status is not None or revision is not None, "put_if needs a guard"
+        sql, name, guards = write_statement(status=status, revision=revision)
         rows = await self._run(sql, key, value, *guards, name=name, what="invalid JSON body")
         return rows.affected == 1
 
@@ -228,6 +247,4 @@ class KvStore:
         try:
             return await self.db.execute(sql, params, name=name, retry=retry)
         except PgError as exc:
-            if exc.sqlstate[:2] in _CLIENT_CLASSES:
-                raise BadRequest(f"{what}: {exc.message}") from None
-            raise
+            raise client_error(exc, what) from None

@@ -1,0 +1,559 @@
+# The event bus (feature `events`): publish, watch and replay over PostgreSQL (docs/stateproxy.md).
+#
+# Storage is the replay buffer, `events(seq, key, origin, event, created_at)` (UNLOGGED: it is a
+# buffer, not a record; its `seq` comes from a logged sequence so that it never goes back, even
+# after a crash empties the table) and `event_trims(key, upto, at)`, the highest seq pruned per
+# key, which is how a replay knows it has a gap. Events are stored as the compact JSON text we
+# encoded, and sent out as stored: nothing is parsed again on the way to a watcher.
+#
+# A publish is one transaction on one pooled connection, three round trips: ``BEGIN``, a
+# transaction-scoped advisory lock per distinct key (sorted, so publishers never deadlock) and
+# one `nextval` per event; then one statement that inserts every row and calls `pg_notify` for
+# each payload; then ``COMMIT``. Holding the key's lock from `nextval` to the commit is what makes
+# seq order the commit order of one key's events, which NOTIFY preserves (PostgreSQL delivers
+# notifications in commit order). A publishing PUT is the same with the guarded write and the
+# insert in one statement, so the event exists exactly when the write happened.
+#
+# A NOTIFY payload (< 8000 bytes) holds lines separated by ``\n``: a watch line as it will be
+# sent (``{"seq":...}``), or, for a line too long to fit, its seq in decimal; the listening
+# proxy reads such rows back from the table. Lines are packed into as few payloads as fit.
+#
+# Each proxy has one LISTEN connection outside the pool (`PgPool.listen`) on a channel named
+# after its schema (``asya_events_<hash of current_schema()>``), so proxies of other schemas on
+# the same database never see each other's events. One task reads it and appends every batch of
+# lines, as one shared chunk, to each watcher's queue; each watch stream writes what is queued
+# in one write. When the LISTEN connection breaks every watch stream ends (the client re-reads
+# its snapshots) and the task LISTENs again with backoff; a watch asked for meanwhile waits for
+# it. A watcher more than `MAX_BEHIND` bytes behind is ended too, rather than buffered forever.
+#
+# Pruning runs every `PRUNE_INTERVAL` on each proxy, one proxy at a time (a try-lock; the loser
+# keeps its work for the next turn): rows older than the age limit, and beyond the newest
+# `buffer` rows of every key this proxy published to since its last turn (found through the
+# (key, seq) index, never a scan of the table). Trims older than `TRIM_KEEP` are dropped now
+# and then, after which a replay that far behind can no longer say "gap".
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from mesh_proto import MAX_EVENTS, BadRequest, is_origin
+
+from ._errors import PgError, StoreUnavailable
+from ._pg import PgPool, Rows
+from ._store import client_error, write_statement
+
+logger = logging.getLogger("mesh_trio.stateproxy")
+
+#: NOTIFY payloads must be shorter than this many bytes (PostgreSQL's limit).
+NOTIFY_LIMIT = 8000
+#: Longest silence on a watch stream: an empty line is sent after it.
+KEEPALIVE = 15.0
+#: Pause between pruning turns, in seconds.
+PRUNE_INTERVAL = 1.0
+#: How long the highest pruned seq of a key is remembered (for "gap"), in seconds.
+TRIM_KEEP = 3600.0
+#: A watcher with this many bytes queued and unsent is ended.
+MAX_BEHIND = 64 * 1024 * 1024
+#: Longest wait of a new watch for the LISTEN connection, in seconds (then 503).
+LISTEN_WAIT = 5.0
+_BACKOFF = (0.1, 5.0)
+_TRIM_SWEEP_TURNS = 60
+_SEPARATOR = "\x1e"  # between payloads in one parameter; JSON text never holds it unescaped
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+_SEQUENCE = "event_seq"
+_SCHEMA = f"""
+CREATE SEQUENCE IF NOT EXISTS {_SEQUENCE};
+CREATE UNLOGGED TABLE IF NOT EXISTS events (
+    seq        bigint PRIMARY KEY DEFAULT nextval('{_SEQUENCE}'),
+    key        text NOT NULL,
+    origin     text NOT NULL,
+    event      text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS events_key_seq ON events (key, seq);
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+CREATE UNLOGGED TABLE IF NOT EXISTS event_trims (
+    key  text PRIMARY KEY,
+    upto bigint NOT NULL,
+    at   timestamptz NOT NULL DEFAULT now()
+)"""
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asya-state-proxy events schema'))"
+_SCHEMA_STATE = (
+    b"SELECT current_schema() || '/' || (to_regclass('events_created') IS NOT NULL "
+    b"AND to_regclass('event_trims') IS NOT NULL AND to_regclass('events_key_seq') IS NOT NULL)"
+)
+# A stored row as its watch line, built by PostgreSQL.
+_LINE = (
+    "'{\"seq\":' || seq || ',\"key\":' || to_json(key)::text || ',\"origin\":' "
+    "|| to_json(origin)::text || ',\"event\":' || event || '}'"
+)
+_INSERT = (
+    b"WITH ins AS (INSERT INTO events (seq, key, origin, event) "
+    b"SELECT s::bigint, k, $4, e::text FROM ROWS FROM (json_array_elements_text($1::json), "
+    b"json_array_elements_text($2::json), json_array_elements($3::json)) AS t(s, k, e)) "
+    b"SELECT count(pg_notify($5, p)) FROM unnest(string_to_array($6, E'\\x1e')) AS p"
+)
+_REPLAY = (
+    f"SELECT '{{\"events\":[' || coalesce((SELECT string_agg({_LINE}, ',' ORDER BY seq) "
+    "FROM events WHERE key = $1 AND seq > $2::bigint), '') || '],\"gap\":' || "
+    "(EXISTS (SELECT 1 FROM event_trims WHERE key = $1 AND upto > $2::bigint))::text || '}'"
+).encode()
+_LINES = (
+    f"SELECT {_LINE} FROM events "
+    "WHERE seq IN (SELECT json_array_elements_text($1::json)::bigint) ORDER BY seq"
+).encode()
+_TURN = "WITH turn AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1::int, $2::int) AS mine)"
+_CUTOFF = "now() - $3::float8 * interval '1 second'"
+_PRUNE = (
+    f"{_TURN}, "
+    f"aged AS (DELETE FROM events WHERE (SELECT mine FROM turn) AND created_at < {_CUTOFF} "
+    "RETURNING key, seq), "
+    f"over AS (DELETE FROM events e WHERE (SELECT mine FROM turn) AND e.created_at >= {_CUTOFF} "
+    "AND e.key IN (SELECT json_array_elements_text($4::json)) AND e.seq <= (SELECT s.seq "
+    "FROM events s WHERE s.key = e.key ORDER BY s.seq DESC OFFSET $5::int LIMIT 1) "
+    "RETURNING key, seq), "
+    "trimmed AS (INSERT INTO event_trims AS t (key, upto, at) SELECT key, max(seq), now() FROM "
+    "(SELECT * FROM aged UNION ALL SELECT * FROM over) g GROUP BY key ORDER BY key "
+    "ON CONFLICT (key) DO UPDATE SET upto = GREATEST(t.upto, EXCLUDED.upto), at = EXCLUDED.at) "
+    "SELECT (SELECT mine FROM turn)::text"
+).encode()
+_SWEEP_TRIMS = (
+    f"{_TURN} DELETE FROM event_trims WHERE (SELECT mine FROM turn) AND at < {_CUTOFF}"
+).encode()
+
+Write = Callable[[bytes], Awaitable[None]]
+
+
+def _int4(data: bytes) -> int:
+    """A signed 32-bit integer from the first 4 bytes of a digest (an advisory lock key)."""
+    return int.from_bytes(data[:4], "big", signed=True)
+
+
+def _lock_id(key: str) -> int:
+    return zlib.crc32(key.encode()) - (1 << 31)
+
+
+def _line(seq: int, key_json: str, origin_json: str, event_json: str) -> str:
+    return f'{{"seq":{seq},"key":{key_json},"origin":{origin_json},"event":{event_json}}}'
+
+
+def pack(lines: Sequence[str], seqs: Sequence[int]) -> list[str]:
+    """NOTIFY payloads for `lines` (all ASCII) in order: each line, or its seq if the line
+    cannot fit, packed ``\\n``-separated into as few payloads under `NOTIFY_LIMIT` as fit."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line, seq in zip(lines, seqs, strict=True):
+        item = line if len(line) < NOTIFY_LIMIT else str(seq)
+        if current and size + 1 + len(item) >= NOTIFY_LIMIT:
+            payloads.append("\n".join(current))
+            current, size = [], 0
+        size += len(item) + (1 if current else 0)
+        current.append(item)
+    if current:
+        payloads.append("\n".join(current))
+    return payloads
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("invalid JSON body") from None
+
+
+def _key_json(key: object) -> str:
+    if not isinstance(key, str) or not key or "\x00" in key:
+        raise BadRequest("bad key: want a non-empty string without NUL")
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("bad key: not valid Unicode") from None
+    return _encode(key)
+
+
+def _event_json(event: object) -> str:
+    if not isinstance(event, dict):
+        raise BadRequest("event must be a JSON object")
+    return _encode(event)
+
+
+@attrs.frozen
+class Batch:
+    """A checked `POST /events` body: the origin and each event's key, key JSON, event JSON."""
+
+    origin: str
+    items: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def parse(cls, body: bytes) -> Batch:
+        """Check ``{"origin": O, "events": [{"key": K, "event": E}, ...]}``.
+
+        Raises:
+            BadRequest: not JSON, no valid origin, not 1 to `MAX_EVENTS` events, a bad key,
+                an event that is not an object.
+        """
+        doc = _load(body)
+        if not isinstance(doc, dict):
+            raise BadRequest("body must be {origin, events}")
+        origin = doc.get("origin")
+        if not is_origin(origin):
+            raise BadRequest("origin must be 1 to 64 characters of [A-Za-z0-9_.-]")
+        events = doc.get("events")
+        if not isinstance(events, list) or not 0 < len(events) <= MAX_EVENTS:
+            raise BadRequest(f"events must be a list of 1 to {MAX_EVENTS} events")
+        items = []
+        for item in events:
+            if not isinstance(item, dict):
+                raise BadRequest("each event must be {key, event}")
+            key = item.get("key")
+            key_json = _key_json(key)
+            assert isinstance(key, str)
+            items.append((key, key_json, _event_json(item.get("event"))))
+        return cls(origin, tuple(items))
+
+
+def parse_publish(body: bytes) -> tuple[bytes, str]:
+    """The value (JSON) and the event (JSON) of a publishing PUT's ``{"value", "event"}``.
+
+    Raises:
+        BadRequest: not JSON, no `value`, or an `event` that is not an object.
+    """
+    doc = _load(body)
+    if not isinstance(doc, dict) or "value" not in doc:
+        raise BadRequest("body must be {value, event}")
+    return _encode(doc["value"]).encode(), _event_json(doc.get("event"))
+
+
+@attrs.define(eq=False)
+class _Watcher:
+    """One watch stream's queue: chunks of lines, written out in one write when it can."""
+
+    pending: list[bytes] = attrs.field(factory=list)
+    size: int = 0
+    ended: bool = False
+    wakeup: trio.Event = attrs.field(factory=trio.Event)
+
+    def push(self, chunk: bytes) -> None:
+        if self.ended:
+            return
+        self.size += len(chunk)
+        if self.size > MAX_BEHIND:
+            logger.info("a watch stream fell %d bytes behind: ending it", self.size)
+            self.pending.clear()
+            self.end()
+            return
+        self.pending.append(chunk)
+        self.wakeup.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self.wakeup.set()
+
+    async def run(self, write: Write, keepalive: float) -> None:
+        while True:
+            if self.pending:
+                chunk = b"".join(self.pending)
+                self.pending, self.size = [], 0
+                await write(chunk)
+            elif self.ended:
+                return
+            else:
+                self.wakeup = trio.Event()
+                with trio.move_on_after(keepalive) as idle:
+                    await self.wakeup.wait()
+                if idle.cancelled_caught:
+                    await write(b"\n")
+
+
+@attrs.define(eq=False)
+class EventBus:
+    """The event bus of one proxy over `pool` (module comment).
+
+    Attributes:
+        buffer: events kept per key (``STATE_PROXY_EVENT_BUFFER``).
+        age: seconds an event is kept (``STATE_PROXY_EVENT_AGE``).
+        keepalive: longest silence on a watch stream, in seconds.
+    """
+
+    pool: PgPool
+    buffer: int = 256
+    age: float = 60.0
+    keepalive: float = KEEPALIVE
+    channel: str = attrs.field(default="", init=False)
+    published: int = attrs.field(default=0, init=False)
+    _lock_ns: int = attrs.field(default=0, init=False)
+    _prune_lock: tuple[bytes, bytes] = attrs.field(default=(b"0", b"0"), init=False)
+    _watchers: set[_Watcher] = attrs.field(factory=set, init=False)
+    _live: bool = attrs.field(default=False, init=False)
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _touched: set[str] = attrs.field(factory=set, init=False)
+
+    @property
+    def watchers(self) -> int:
+        """Watch streams open now."""
+        return len(self._watchers)
+
+    async def ensure_schema(self) -> None:
+        """Create the tables if missing and name the channel after the current schema.
+
+        Raises:
+            StoreUnavailable: PostgreSQL cannot be used.
+        """
+        state = await self.pool.execute(_SCHEMA_STATE, retry=True)
+        schema, _, ready = (state.values[0] or b"").decode().rpartition("/")
+        if ready != "true":
+            await self.pool.execute_script(f"BEGIN; {_SCHEMA_LOCK}; {_SCHEMA}; COMMIT".encode())
+        digest = hashlib.sha256(schema.encode()).digest()
+        self.channel = f"asya_events_{digest[:8].hex()}"
+        self._lock_ns = _int4(digest[8:])
+        self._prune_lock = (str(_int4(digest[12:])).encode(), b"0")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """LISTEN (again after every break) and prune, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prune_forever)
+            task_status.started()
+            await self._listen_forever()
+
+    def close(self) -> None:
+        """End every watch stream and refuse new ones (the proxy is shutting down)."""
+        self._closed = True
+        self._end_all()
+
+    async def publish(self, batch: Batch) -> list[int]:
+        """Store and NOTIFY the events of `batch` in one transaction; their seqs, in order.
+
+        Raises:
+            StoreUnavailable: PostgreSQL cannot answer now (nothing was published, or, if the
+                connection broke in the commit, perhaps everything).
+            BadRequest: PostgreSQL refused a key (e.g. too long for the index).
+        """
+        origin_json = _encode(batch.origin)
+        locks = sorted({_lock_id(key) for key, _, _ in batch.items})
+        try:
+            async with self.pool.transaction() as tx:
+                rows = await tx.script(self._lock_and_seqs(locks, len(batch.items)))
+                seqs = [int(v or b"0") for v in rows.values]
+                lines = [
+                    _line(seq, key_json, origin_json, event_json)
+                    for seq, (_, key_json, event_json) in zip(seqs, batch.items, strict=True)
+                ]
+                params = (
+                    _encode(seqs).encode(),
+                    ("[" + ",".join(k for _, k, _ in batch.items) + "]").encode(),
+                    ("[" + ",".join(e for _, _, e in batch.items) + "]").encode(),
+                    batch.origin.encode(),
+                    self.channel.encode(),
+                    _SEPARATOR.join(pack(lines, seqs)).encode(),
+                )
+                await tx.execute(_INSERT, params, name=b"sp_events_publish")
+        except PgError as exc:
+            raise client_error(exc, "invalid event") from None
+        self._touched.update(key for key, _, _ in batch.items)
+        self.published += len(seqs)
+        return seqs
+
+    async def put_publish(
+        self,
+        key: str,
+        value: bytes,
+        origin: str,
+        event_json: str,
+        *,
+        status: str | None = None,
+        revision: str | None = None,
+        absent: bool = False,
+    ) -> int | None:
+        """Write `value` at `key` as a PUT with these guards would and, only if written,
+        publish the event, in one transaction. The event's seq, or None if a guard failed
+        (nothing written, nothing published).
+
+        Raises:
+            StoreUnavailable, BadRequest: as for `publish` (BadRequest also for a value
+                PostgreSQL refuses).
+        """
+        write, name, guards = write_statement(status=status, revision=revision, absent=absent)
+        first = 3 + len(guards)
+        sql = (
+            f"WITH w AS ({write.decode()} RETURNING 1), ins AS (INSERT INTO events "
+            f"(seq, key, origin, event) SELECT ${first}::bigint, $1, ${first + 1}, ${first + 2} "
+            f"FROM w) SELECT pg_notify(${first + 3}, ${first + 4}) FROM w"
+        ).encode()
+        try:
+            async with self.pool.transaction() as tx:
+                rows = await tx.script(self._lock_and_seqs([_lock_id(key)], 1))
+                seq = int(rows.values[0] or b"0")
+                line = _line(seq, _key_json(key), _encode(origin), event_json)
+                payload = line if len(line) < NOTIFY_LIMIT else str(seq)
+                params = (key.encode(), value, *guards, str(seq).encode(), origin.encode())
+                params += (event_json.encode(), self.channel.encode(), payload.encode())
+                written = await tx.execute(sql, params, name=name + b"_publish")
+                if not written.values:
+                    await tx.rollback()
+                    return None
+        except PgError as exc:
+            raise client_error(exc, "invalid JSON body") from None
+        self._touched.add(key)
+        self.published += 1
+        return seq
+
+    async def replay(self, key: str, after: int) -> bytes:
+        """The reply body of ``GET /events/{key}?after=N``: ``{"events": [...], "gap": G}``."""
+        params = (key.encode(), str(after).encode())
+        try:
+            rows = await self.pool.execute(_REPLAY, params, name=b"sp_events_replay", retry=True)
+        except PgError as exc:
+            raise client_error(exc, "invalid key") from None
+        return rows.values[0] or b""
+
+    async def watch(self) -> Callable[[Write], Awaitable[None]]:
+        """Wait (bounded) for the LISTEN connection; the stream to serve as the watch reply.
+
+        Raises:
+            StoreUnavailable: not listening within `LISTEN_WAIT`, or shutting down.
+        """
+        with trio.move_on_after(LISTEN_WAIT):
+            while not (self._live or self._closed):
+                await self._changed.wait()
+        if self._closed:
+            raise StoreUnavailable("the state proxy is shutting down")
+        if not self._live:
+            raise StoreUnavailable("the event bus is not listening to PostgreSQL")
+        return self._stream
+
+    async def _stream(self, write: Write) -> None:
+        if not self._live or self._closed:
+            return  # the connection broke since `watch`: end at once, the client comes back
+        watcher = _Watcher()
+        self._watchers.add(watcher)
+        try:
+            await write(b"")  # the reply head: from now on every commit reaches this watcher
+            await watcher.run(write, self.keepalive)
+        finally:
+            self._watchers.discard(watcher)
+
+    def _lock_and_seqs(self, locks: Sequence[int], count: int) -> bytes:
+        ids = ",".join(map(str, locks))
+        return (
+            f"SELECT count(pg_advisory_xact_lock({self._lock_ns}, h)) "
+            f"FROM unnest('{{{ids}}}'::int[]) AS h; "
+            f"SELECT nextval('{_SEQUENCE}') FROM generate_series(1, {count})"
+        ).encode()
+
+    def _set_live(self, live: bool) -> None:
+        self._live = live
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _end_all(self) -> None:
+        for watcher in self._watchers:
+            watcher.end()
+
+    async def _listen_forever(self) -> None:
+        delay = _BACKOFF[0]
+        while True:
+            try:
+                listener = await self.pool.listen(self.channel)
+            except StoreUnavailable as exc:
+                if delay == _BACKOFF[0]:
+                    logger.info("event bus cannot LISTEN (retrying): %s", exc.message)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF[1])
+                continue
+            if delay != _BACKOFF[0]:
+                logger.info("event bus listening again")
+            delay = _BACKOFF[0]
+            self._set_live(True)
+            try:
+                while True:
+                    await self._deliver(await listener.receive())
+            except StoreUnavailable as exc:
+                logger.info(
+                    "event bus lost its LISTEN connection (%s): ending %d watch streams",
+                    exc.message,
+                    len(self._watchers),
+                )
+            finally:
+                listener.close()
+                self._set_live(False)
+                self._end_all()
+            await trio.sleep(delay)
+
+    async def _deliver(self, payloads: list[bytes]) -> None:
+        """Queue the lines of `payloads` for every watcher, reading referenced rows back."""
+        lines: list[bytes] = []
+        refs: list[int] = []
+        for payload in payloads:
+            for item in payload.split(b"\n"):
+                if item.startswith(b"{"):
+                    lines.append(item)
+                else:
+                    refs.append(int(item))
+                    lines.append(b"")  # a place for the row read back
+        if refs:
+            rows = await self.pool.execute(_LINES, (_encode(refs).encode(),), retry=True)
+            found = {_seq_of(line): line for line in rows.values if line is not None}
+            if len(found) != len(refs):
+                raise StoreUnavailable("an event was pruned before it could be read back")
+            places = iter(refs)
+            lines = [line or found[next(places)] for line in lines]
+        if self._watchers:
+            chunk = b"\n".join(lines) + b"\n"
+            for watcher in self._watchers:
+                watcher.push(chunk)
+
+    async def _prune_forever(self) -> None:
+        failing = False
+        turns = 0
+        while True:
+            await trio.sleep(PRUNE_INTERVAL)
+            try:
+                turns = turns + 1 if await self._prune_turn(turns) else turns
+            except (StoreUnavailable, PgError) as exc:
+                if not failing:
+                    logger.warning(
+                        "event pruning failed (retrying every %gs): %s", PRUNE_INTERVAL, exc
+                    )
+                failing = True
+            else:
+                failing = False
+
+    async def _prune_turn(self, turns: int) -> bool:
+        """One pruning pass, if no other proxy is pruning; whether it was our turn."""
+        keys, self._touched = self._touched, set()
+        params = (*self._prune_lock, repr(float(self.age)).encode())
+        try:
+            rows: Rows = await self.pool.execute(
+                _PRUNE, (*params, _encode(sorted(keys)).encode(), str(self.buffer).encode())
+            )
+        except BaseException:
+            self._touched |= keys
+            raise
+        if rows.values[0] != b"true":
+            self._touched |= keys
+            return False
+        if turns % _TRIM_SWEEP_TURNS == _TRIM_SWEEP_TURNS - 1:
+            trim_keep = (*self._prune_lock, repr(max(TRIM_KEEP, self.age)).encode())
+            await self.pool.execute(_SWEEP_TRIMS, trim_keep)
+        return True
+
+
+def _seq_of(line: bytes) -> int:
+    """The seq of a watch line built by `_LINE` (``{"seq":N,...``)."""
+    return int(line[7 : line.index(b",")])
