@@ -210,8 +210,10 @@ class MeshClient:
     async def fly(self, envelope_id: str, data: Any) -> Reply:
         return await self.int("POST", f"{envelope_id}/events", {"type": "fly", "data": data})
 
-    async def sse(self, envelope_id: str, path: str | None = None) -> SseClient:
-        """Open the SSE stream and wait for the response head."""
+    async def sse(
+        self, envelope_id: str, path: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> SseClient:
+        """Open the SSE stream (with extra request `headers`) and wait for the response head."""
         target = path or self.path(f"{envelope_id}/events")
         stream = await trio.open_tcp_stream("127.0.0.1", self.ext_port)
         conn = h11.Connection(h11.CLIENT)
@@ -220,7 +222,11 @@ class MeshClient:
                 h11.Request(
                     method="GET",
                     target=target,
-                    headers=[("host", "127.0.0.1"), ("accept", "text/event-stream")],
+                    headers=[
+                        ("host", "127.0.0.1"),
+                        ("accept", "text/event-stream"),
+                        *(headers or {}).items(),
+                    ],
                 )
             )
             + conn.send(h11.EndOfMessage())
