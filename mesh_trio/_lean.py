@@ -182,7 +182,7 @@ class _Server:
         """Cancel the connections whose client is past its deadline. One timer for all of
         them, because a cancel scope around every read costs more than the rest of a 204's
         Python; a connection only publishes its deadline (a float) when it starts to wait."""
-        tick = min(MAX_TICK, self.keepalive_timeout / 4, self.header_timeout / 4)
+        tick = max(0.01, min(MAX_TICK, self.keepalive_timeout / 4, self.header_timeout / 4))
         while True:
             await trio.sleep(tick)
             now = time.monotonic()
@@ -416,27 +416,34 @@ class _Connection:
         for request, keep_alive, http10 in ready:
             self.served += 1
             server.stats.requests += 1
+            head = request.method == "HEAD"
+            mark = len(out)
             try:
                 reply = await server.handler(request)
-                if not 100 <= reply.status <= 599:
-                    raise ValueError(f"status {reply.status} out of range")
+                if not 200 <= reply.status <= 599:
+                    raise ValueError(f"reply status {reply.status} is not a final status")
+                keep = (
+                    keep_alive
+                    and not server.draining  # decided after the handler: draining may have begun
+                    and (server.max_requests is None or self.served < server.max_requests)
+                )
+                # Encoding is the handler's fault too if its reply is not bytes.
+                if reply.stream is None:
+                    self._encode(out, reply, keep=keep, http10=http10, head=head)
+                else:
+                    self._encode_stream_head(out, reply, http10=http10)
             except Exception:
+                del out[mark:]
                 log.exception(
                     "lean listener: handler failed on %s %s", request.method, request.path
                 )
                 server.stats.handler_errors += 1
                 out.append(self._error(500, "internal server error"))
                 return False
-            head = request.method == "HEAD"
-            keep = (
-                keep_alive
-                and not server.draining  # decided after the handler: draining may have begun
-                and (server.max_requests is None or self.served < server.max_requests)
-            )
             if reply.stream is not None:
-                await self._send_stream(out, reply, head=head, http10=http10)
+                await self._send_stream(b"".join(out), reply.stream, head=head, chunked=not http10)
+                out.clear()
                 return False
-            self._encode(out, reply, keep=keep, http10=http10, head=head)
             if not keep:
                 return False
         return True
@@ -456,9 +463,11 @@ class _Connection:
             out.append(b"\r\n")
             return
         body = reply.body
-        out.append(b"content-length: %d\r\n\r\n" % len(body))
-        if body and not head:
-            out.append(body)
+        if head:
+            out.append(b"content-length: %d\r\n\r\n" % len(body))
+        else:
+            # %b (not a separate piece) refuses a body that is not bytes before anything is sent.
+            out.append(b"content-length: %d\r\n\r\n%b" % (len(body), body))
 
     def _error(self, status: int, message: str) -> bytes:
         body = _error_body(message)
@@ -473,34 +482,34 @@ class _Connection:
             )
         )
 
-    async def _send_stream(
-        self, out: list[bytes], reply: Reply, *, head: bool, http10: bool
-    ) -> None:
-        """Send what is pending, the head, then every chunk as it comes, until the stream ends
-        or the client goes away; the stream's iterator is closed either way."""
-        iterator = reply.stream
-        assert iterator is not None
+    def _encode_stream_head(self, out: list[bytes], reply: Reply, *, http10: bool) -> None:
         out.append(_status_line(reply.status))
         out.append(_date_header())
         for name, value in reply.headers:
             out.append(name + b": " + value + b"\r\n")
-        out.append(_CLOSE if http10 else _CHUNKED + _CLOSE)
-        out.append(b"\r\n")
-        pending = b"".join(out)
-        out.clear()
+        out.append(_CLOSE + b"\r\n" if http10 else _CHUNKED + _CLOSE + b"\r\n")
+
+    async def _send_stream(
+        self, pending: bytes, iterator: AsyncIterator[bytes], *, head: bool, chunked: bool
+    ) -> None:
+        """Send `pending` (ending with the stream's head), then every chunk as it comes, until
+        the stream ends or the client goes away; the stream's iterator is closed either way."""
         try:
             if head:
                 await self._send(pending)
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_eof, nursery.cancel_scope)
-                await self._pump(pending, iterator, chunked=not http10)
+                await self._pump(pending, iterator, chunked=chunked)
                 nursery.cancel_scope.cancel()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(LINGER_SECONDS):
-                    await aclose()
+                    try:
+                        await aclose()
+                    except Exception:
+                        log.exception("lean listener: closing a stream reply failed")
 
     async def _pump(self, pending: bytes, iterator: AsyncIterator[bytes], *, chunked: bool) -> None:
         send_all = self._send

@@ -216,12 +216,15 @@ class Client:
         length = response.header(b"content-length")
         if response.header(b"transfer-encoding") == b"chunked":
             chunks = []
-            while size := int(await self._line(), 16):
-                chunks.append(await self._exactly(size))
-                if await self._exactly(2) != b"\r\n":
-                    raise Malformed("chunk without CRLF")
-            if await self._line() != b"":
-                raise Malformed("no CRLF after the last chunk")
+            try:
+                while size := int(await self._line(), 16):
+                    chunks.append(await self._exactly(size))
+                    if await self._exactly(2) != b"\r\n":
+                        raise Malformed("chunk without CRLF")
+                if await self._line() != b"":
+                    raise Malformed("no CRLF after the last chunk")
+            except EOFError:
+                raise Malformed("connection closed inside a chunked body") from None
             return attrs.evolve(response, body=b"".join(chunks), chunks=chunks)
         if length is None:
             raise Malformed("no content-length")

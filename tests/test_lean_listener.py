@@ -4,12 +4,13 @@ the test (`tests/lean_helpers.py`), every reply is parsed strictly."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
 from mesh_trio._lean import MAX_HEAD, Reply, Request
-from tests.lean_helpers import WAIT, Client, request, running, until
+from tests.lean_helpers import WAIT, Client, Malformed, request, running, until
 
 
 async def test_keep_alive_serves_requests_on_one_connection() -> None:
@@ -475,15 +476,72 @@ async def test_graceful_timeout_cancels_what_is_left() -> None:
                 pass  # the connection ends (no terminating chunk)
 
 
-async def test_server_survives_handler_returning_bad_status() -> None:
-    async def bad(request: Request) -> Reply:
-        return Reply(1000 if request.path == "/bad" else 200)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(Reply(1000), id="status-out-of-range"),
+        pytest.param(Reply(101), id="interim-status"),
+        pytest.param(Reply(200, body="text"), id="str-body"),  # type: ignore[arg-type]
+        pytest.param(Reply(200, [("x", "y")]), id="str-header"),  # type: ignore[list-item]
+        pytest.param(Reply(200, [("x", "y")], stream=iter(())), id="bad-stream-head"),  # type: ignore[arg-type, list-item]
+    ],
+)
+async def test_unsendable_reply_is_500_and_the_server_stays_up(
+    bad: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(request: Request) -> Reply:
+        return bad if request.path == "/bad" else Reply(204)
 
-    async with running(bad) as server:
+    async with running(handler) as server:
         client: Client = await server.connect()
         with trio.fail_after(WAIT):
             await client.send(request("GET", "/bad"))
-            assert (await client.response()).status == 500
+            response = await client.response()
+            assert await client.closed()
             client = await server.connect()
             await client.send(request("GET", "/good"))
-            assert (await client.response()).status == 200
+            assert (await client.response()).status == 204
+        assert response.status == 500
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+async def test_stream_iterator_failing_truncates_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"one"
+        raise RuntimeError("broadcaster bug")
+
+    async def handler(request: Request) -> Reply:
+        return Reply(200, stream=broken())
+
+    async with running(handler) as server:
+        client = await server.connect()
+        with trio.fail_after(WAIT):
+            await client.send(request("GET", "/s"))
+            with pytest.raises(Malformed):
+                await client.response()  # no terminating chunk before the close
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+async def test_absolute_form_target() -> None:
+    async with running() as server:
+        client = await server.connect()
+        with trio.fail_after(WAIT):
+            await client.send(request("GET", "http://test/abs/path?q=1"))
+            response = await client.response()
+        assert response.json()["path"] == "/abs/path"
+        assert response.json()["query"] == "q=1"
+
+
+async def test_upgrade_request_is_answered_then_closed() -> None:
+    async with running() as server:
+        client = await server.connect()
+        with trio.fail_after(WAIT):
+            await client.send(
+                request("GET", "/ws", headers="Connection: Upgrade\r\nUpgrade: websocket\r\n")
+                + b"\x81\x05hello"
+            )
+            response = await client.response()
+            assert await client.closed()
+        assert response.json()["path"] == "/ws"
