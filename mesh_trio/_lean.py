@@ -393,7 +393,11 @@ class _Connection:
             return
         view = memoryview(data)[sent:]
         while view:
+            # A client that takes nothing for header_timeout is cut, like one that sends
+            # nothing: otherwise it could hold the connection and its reply forever.
+            self.deadline = time.monotonic() + self.server.header_timeout
             await trio.lowlevel.wait_writable(sock)
+            self.deadline = math.inf
             with contextlib.suppress(BlockingIOError):
                 view = view[sock.send(view) :]
 

@@ -251,6 +251,18 @@ async def test_slow_body_is_cut_at_header_timeout() -> None:
         assert response.status == 408
 
 
+async def test_client_that_reads_no_reply_is_cut_at_header_timeout() -> None:
+    big = Reply(200, body=b"x" * (64 * 1024 * 1024))
+
+    async def handler(request: Request) -> Reply:
+        return big
+
+    async with running(handler, header_timeout=0.3) as server:
+        client = await server.connect()
+        await client.send(request("GET", "/big"))
+        await until(lambda: server.stats.open_connections == 0)
+
+
 async def test_expect_100_continue_before_the_body() -> None:
     async with running() as server:
         client = await server.connect()
