@@ -4,6 +4,7 @@ the test (`tests/lean_helpers.py`), every reply is parsed strictly."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -252,13 +253,15 @@ async def test_slow_body_is_cut_at_header_timeout() -> None:
 
 
 async def test_client_that_reads_no_reply_is_cut_at_header_timeout() -> None:
-    big = Reply(200, body=b"x" * (64 * 1024 * 1024))
+    big = Reply(200, body=b"x" * (16 * 1024 * 1024))
 
     async def handler(request: Request) -> Reply:
         return big
 
     async with running(handler, header_timeout=0.3) as server:
         client = await server.connect()
+        # A small receive buffer (no autotuning), so the reply cannot all fit in the kernel.
+        client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         await client.send(request("GET", "/big"))
         await until(lambda: server.stats.open_connections == 0)
 
