@@ -585,6 +585,7 @@ def _parse_error(exc: httptools.HttpParserError) -> str:
 
 
 async def _accept(listener: trio.SocketListener, nursery: trio.Nursery, server: _Server) -> None:
+    failing = False
     while True:
         try:
             stream = await listener.accept()
@@ -592,10 +593,13 @@ async def _accept(listener: trio.SocketListener, nursery: trio.Nursery, server: 
             return
         except OSError as exc:
             # Out of file descriptors or memory: wait for connections to close, like
-            # trio.serve_listeners does.
-            log.error("lean listener: accept failed (%s), retrying", exc)
+            # trio.serve_listeners does; logged once per run of failures.
+            if not failing:
+                log.error("lean listener: accept failed (%s), retrying until it succeeds", exc)
+            failing = True
             await trio.sleep(0.1)
             continue
+        failing = False
         nursery.start_soon(server.serve_connection, stream)
 
 
