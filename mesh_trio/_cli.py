@@ -6,6 +6,8 @@ usage error (exit 2). Every failure to start is one line on stderr naming its ca
 setting exits 2, a port, host or file that cannot be used exits 1. trio wraps a failure in one
 `ExceptionGroup` per nursery it crosses; `root_cause` unwraps them. An unreachable state proxy
 is not a failure: the server starts with a warning and `/ready` answers 503 until it is up.
+With `ASYA_MESH_WORKERS` above 1 this process is the supervisor of that many worker processes,
+which run this same `main` (`_workers.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mesh_proto import ServiceError
 from ._config import SETTINGS, Config, ConfigError, Setting, StartupError, root_cause
 from ._observability import configure_logging
 from ._server import serve
+from ._workers import Worker, check_workers, supervise
 
 PROG = "asya-mesh-api"
 log = logging.getLogger("mesh_trio")
@@ -66,7 +69,9 @@ async def _warn_if_proxy_unreachable(path: str) -> None:
         await stream.aclose()
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, worker: Worker | None) -> int:
+    """Serve until a signal: one process, a worker of a supervisor, or the supervisor of
+    `config.workers` workers (`_workers.py`); the exit status."""
     # Signals are caught from the very start, so one that arrives while the listeners are
     # still starting also ends in an orderly shutdown.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -76,9 +81,15 @@ async def _run(config: Config) -> None:
                 log.info("received %s", signal.Signals(signum).name)
                 return
 
+        if worker is not None:
+            await worker.run(config, until_signal)
+            return 0
         if config.state_proxy_socket is not None:
             await _warn_if_proxy_unreachable(config.state_proxy_socket)
+        if config.workers > 1:
+            return await supervise(config, signals)
         await serve(config, shutdown_trigger=until_signal)
+        return 0
 
 
 def tune_gc() -> None:
@@ -104,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser().parse_args(argv)
     try:
         config = Config.from_env(os.environ)
+        worker = Worker.from_env(os.environ)
+        check_workers(config)
     except ConfigError as exc:
         return _fail(2, f"configuration error: {exc}")
     tune_gc()
     configure_logging(config.log_level.upper(), config.log_format)
+    if worker is not None:
+        worker.tag_logs()
     try:
-        trio.run(_run, config)
+        status: int = trio.run(_run, config, worker)
     except Exception as exc:
         cause = root_cause(exc)
         if isinstance(cause, ConfigError):
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, StartupError | OSError | ServiceError):
             return _fail(1, f"cannot start: {cause}")
         raise
-    return 0
+    return status
 
 
 def _fail(status: int, line: str) -> int:
