@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import suppress
 from functools import partial
 from typing import Final
 
@@ -100,7 +101,8 @@ class Worker:
         trigger = partial(first_of, until_signal, self._parent_gone)
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve, config, shutdown_trigger=trigger, sockets=sockets))
-            os.write(self.ready_fd, b"r")
+            with suppress(BrokenPipeError):  # the supervisor is gone: `_parent_gone` sees it
+                os.write(self.ready_fd, b"r")
             os.close(self.ready_fd)
 
     async def _parent_gone(self) -> None:
