@@ -96,21 +96,30 @@ class Published:
     # the store that published it with its write); None until then.
     seq: int | None = None
 
-    # The last `framed` result (event id, bytes): one per event, shared by its subscribers.
-    _framed: list[Any] = attrs.field(factory=list, eq=False, repr=False, init=False)
+    # The last `framed` result (rev, seq, bytes), shared by the subscribers at that id: a cache,
+    # no part of the value (set with object.__setattr__, so building a Published costs nothing).
+    _framed: tuple[int, int, bytes] | None = attrs.field(
+        default=None, eq=False, repr=False, init=False
+    )
 
     @property
     def is_fly(self) -> bool:
         return self.version is None
 
-    def framed(self, event_id: EventId) -> bytes:
-        """The frame with its `id:` line, cached for the next stream at the same id."""
+    def framed(self, rev: int, seq: int) -> bytes:
+        """The frame with its `id: {rev}.{seq}` line, cached for the next stream at that id."""
         cache = self._framed
-        if cache and cache[0] == event_id:
-            return cache[1]  # type: ignore[no-any-return]
-        framed = id_line(event_id) + self.frame
-        cache[:] = (event_id, framed)
+        if cache is not None and cache[0] == rev and cache[1] == seq:
+            return cache[2]
+        framed = id_line(rev, seq) + self.frame
+        object.__setattr__(self, "_framed", (rev, seq, framed))
         return framed
+
+    def with_seq(self, seq: int) -> Published:
+        """This event with its seq (the broadcaster gives it at publish)."""
+        return Published(
+            frame=self.frame, terminal=self.terminal, version=self.version, rank=self.rank, seq=seq
+        )
 
     @classmethod
     def status(cls, applied: Applied) -> Published:
@@ -130,8 +139,8 @@ class Published:
         return cls(frame=encode_frame("fly", data))
 
 
-def id_line(event_id: EventId) -> bytes:
-    return b"id: %d.%d\n" % event_id
+def id_line(rev: int, seq: int) -> bytes:
+    return b"id: %d.%d\n" % (rev, seq)
 
 
 def parse_event_id(value: str) -> EventId | None:
@@ -150,8 +159,9 @@ class Gap:
         return encode_frame("gap", {"last_event_id": self.last_event_id})
 
 
-# What a stream sends, in order: a snapshot, a published event, or a gap notice, with its id.
-Send: TypeAlias = tuple[Envelope | Published | Gap, EventId]
+# What a stream sends, in order: a snapshot, a published event, or a gap notice, with its id
+# (rev, seq).
+Send: TypeAlias = tuple[Envelope | Published | Gap, int, int]
 
 
 @attrs.define(eq=False)
@@ -227,53 +237,57 @@ class SseStream:
         """Start over: the gap notice, a fresh snapshot, and the FLY events that survived.
 
         The id stays where the stream is (0.0 on a resume: the client's seq may be bogus)."""
-        gap: Send = (Gap(last_event_id), (self._rev, self._seq))
+        gap: Send = (Gap(last_event_id), self._rev, self._seq)
         return [gap, self._snapshot(envelope), *self._replay(replayed)]
 
     def _snapshot(self, envelope: Envelope) -> Send:
         self.catch_up(envelope)
         self._rev = envelope.revision
-        return (envelope, (self._rev, self._seq))
+        return (envelope, self._rev, self._seq)
 
     def _replay(self, replayed: Sequence[Published]) -> list[Send]:
         sends: list[Send] = []
         for event in replayed:
             if event.seq is not None and event.seq > self._seq and not self.done:
                 self._seq = event.seq
-                sends.append((event, (self._rev, self._seq)))
+                sends.append((event, self._rev, self._seq))
         return sends
 
     def passed(self, events: Iterable[Published]) -> list[Send]:
         """The live events to send, with their ids (see `live` for the verdicts); FLY events
-        already replayed (seq not above the stream's) are dropped."""
+        already replayed (seq not above the stream's) are dropped. The path of every event to
+        every subscriber: kept lean."""
         sends: list[Send] = []
         for event in events:
-            if event.is_fly and event.seq is not None and event.seq <= self._seq:
-                continue
-            if not self.live([event]):
-                continue
-            if event.seq is not None:
-                self._seq = max(self._seq, event.seq)
-            if event.version is not None:
+            if self.done:
+                break
+            seq = event.seq
+            if event.version is None:
+                if seq is not None:
+                    if seq <= self._seq:
+                        continue
+                    self._seq = seq
+            elif self.live((event,)):
                 self._rev = event.version
-            sends.append((event, (self._rev, self._seq)))
+                if seq is not None and seq > self._seq:
+                    self._seq = seq
+            else:
+                continue
+            sends.append((event, self._rev, self._seq))
         return sends
 
     def encode(self, sends: Iterable[Send]) -> bytes:
         """The contract's bytes of `sends`: each frame with its `id:` line; the first bytes of
         the stream advise the reconnect delay (`retry:`)."""
-        out = []
-        for item, event_id in sends:
-            if isinstance(item, Published):
-                out.append(item.framed(event_id))
-            elif isinstance(item, Envelope):
-                out.append(id_line(event_id) + catch_up_frame(item))
-            else:
-                out.append(id_line(event_id) + item.frame())
-        if not self._opened and self.retry is not None:
-            retry = b"retry: %d\n" % round(self.retry * 1000)
-            out.insert(0, retry if out else retry + b"\n")
-        self._opened = True
+        out = [
+            item.framed(rev, seq) if type(item) is Published else _framed(item, rev, seq)
+            for item, rev, seq in sends
+        ]
+        if not self._opened:
+            self._opened = True
+            if self.retry is not None:
+                retry = b"retry: %d\n" % round(self.retry * 1000)
+                out.insert(0, retry if out else retry + b"\n")
         return b"".join(out)
 
     def catch_up(self, envelope: Envelope) -> bytes:
@@ -313,6 +327,14 @@ class SseStream:
     def keepalive_in(self, now: float) -> float:
         """Seconds until a keepalive comment is due (0 when due now)."""
         return max(0.0, self._last_sent + self.keepalive - now)
+
+
+def _framed(item: Envelope | Published | Gap, rev: int, seq: int) -> bytes:
+    """A frame that is not shared: a snapshot or a gap notice, with its id."""
+    if isinstance(item, Envelope):
+        return id_line(rev, seq) + catch_up_frame(item)
+    assert isinstance(item, Gap)
+    return id_line(rev, seq) + item.frame()
 
 
 @attrs.frozen(kw_only=True)

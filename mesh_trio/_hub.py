@@ -20,12 +20,13 @@ Publishers are never slowed by a subscriber, and one slow client costs the other
 
 Seqs and the replay buffer (for streams resuming with `Last-Event-ID`, and resyncs): `publish`
 gives every event without one the next seq of a counter seeded from the wall clock in
-microseconds (so seqs keep increasing across a restart; an event from the bus keeps its own),
-and keeps the FLY events of each key, at most `buffer` of them and none older than
-`buffer_age` seconds. Trimming is lazy and O(1) per publish: the key published to is cut to
-its count, and keys whose newest event aged out are dropped from the oldest end (memory stays
-bounded also for envelopes nobody streams). Each key remembers the highest seq it dropped, so
-`replay` can say "gap"; a dropped key leaves that watermark behind for a while
+microseconds (so seqs keep increasing across a restart, unless a process averaged more than a
+million events a second; an event from the bus keeps its own seq), and keeps the FLY events of
+each key, at most `buffer` of them and none older than `buffer_age` seconds. Trimming is lazy
+and O(1) per publish: the key published to is cut to its count, and (at most every
+`SWEEP_EVERY` seconds) keys whose newest event aged out are dropped from the oldest end, so
+memory stays bounded also for envelopes nobody streams. Each key remembers the highest seq it
+dropped, so `replay` can say "gap"; a dropped key leaves that watermark behind for a while
 (`TRIM_MEMORY` times the age, at most `TRIMS_MAX` keys).
 """
 
@@ -47,6 +48,8 @@ from ._broadcast import BroadcastStatistics
 # How long (in buffer ages) and for how many keys the watermark of a dropped key is kept.
 TRIM_MEMORY: Final = 10
 TRIMS_MAX: Final = 100_000
+# How often (seconds, at most) a publish looks for keys that aged out.
+SWEEP_EVERY: Final = 1.0
 
 
 def _wall_seq() -> int:
@@ -137,6 +140,7 @@ class Hub:
     # Keys with buffered events, least recently published first; dropped keys' watermarks.
     _buffers: OrderedDict[str, _Buffer] = attrs.field(factory=OrderedDict)
     _trims: OrderedDict[str, tuple[int, float]] = attrs.field(factory=OrderedDict)
+    _next_sweep: float = 0.0
     _published: int = 0
     _delivered: int = 0
     _dropped_fly: int = 0
@@ -168,8 +172,8 @@ class Hub:
         """Hand a frame to every subscriber of `key`; never awaits, never raises."""
         self._published += 1
         if published.seq is None:
-            self._seq = max(self._seq + 1, _wall_seq())
-            published = attrs.evolve(published, seq=self._seq)
+            self._seq += 1
+            published = published.with_seq(self._seq)
         elif published.seq > self._seq:
             self._seq = published.seq
         if published.is_fly:
@@ -193,9 +197,13 @@ class Hub:
             buffer = buffers[key] = _Buffer(trimmed=trimmed[0] if trimmed else 0)
         else:
             buffers.move_to_end(key)
-        buffer.events.append((published.seq, now, published))
-        buffer.trim(self.buffer, now - self.buffer_age)
-        self._sweep(now)
+        events = buffer.events
+        events.append((published.seq, now, published))
+        if len(events) > self.buffer or events[0][1] < now - self.buffer_age:
+            buffer.trim(self.buffer, now - self.buffer_age)
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(SWEEP_EVERY, self.buffer_age)
+            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Drop the keys whose newest event aged out, and the oldest dropped keys' marks."""

@@ -120,14 +120,18 @@ class SseDialect:
     keepalive: bytes = KEEPALIVE
     resume: bool = False
 
-    def encode(self, state: SseStream, envelope_id: str, sends: list[Send], now: datetime) -> bytes:
+    def encode(
+        self, state: SseStream, envelope_id: str, sends: list[Send], clock: Callable[[], datetime]
+    ) -> bytes:
+        """The bytes of `sends` (`clock` gives `now` to `live`, read only when it is used)."""
         if self.resume:
             return state.encode(sends)
+        now = clock()
         return b"".join(
             self.live(envelope_id, item, now)
             if isinstance(item, Published)
             else self.snapshot(item)
-            for item, _ in sends
+            for item, _, _ in sends
             if not isinstance(item, Gap)
         )
 
@@ -388,33 +392,31 @@ class Mesh:
         with another dialect, which does not resume).
         """
         dialect = dialect or CONTRACT_DIALECT
-        state = SseStream(
-            keepalive=self.keepalive, retry=self.sse_retry if dialect.resume else None
-        )
-        after = state.resume(last_event_id) if dialect.resume else None
+        resume = dialect.resume
+        state = SseStream(keepalive=self.keepalive, retry=self.sse_retry if resume else None)
+        after = state.resume(last_event_id) if resume else None
         async with self.broadcaster.subscribe(envelope_id) as sub:
             envelope = await self.store.get(envelope_id)
             if envelope is None:
                 return
             self.live.mark(envelope)
             replayed = await self._replay(envelope_id, after)
-            yield dialect.encode(state, envelope_id, state.start(envelope, *replayed), self.clock())
+            yield dialect.encode(state, envelope_id, state.start(envelope, *replayed), self.clock)
             state.sent(trio.current_time())
             while not state.done:
                 with trio.move_on_after(state.keepalive_in(trio.current_time())):
                     await sub.wait()
                 pending, resync = sub.take()
-                sends = []
                 if resync:
                     envelope = await self.store.get(envelope_id)
                     if envelope is None:
                         return
-                    replayed = await self._replay(
-                        envelope_id, state.seq if dialect.resume else None
-                    )
+                    replayed = await self._replay(envelope_id, state.seq if resume else None)
                     sends = state.resync(envelope, *replayed)
-                sends += state.passed(pending)
-                chunk = dialect.encode(state, envelope_id, sends, self.clock()) if sends else b""
+                    sends += state.passed(pending)
+                else:
+                    sends = state.passed(pending)
+                chunk = dialect.encode(state, envelope_id, sends, self.clock) if sends else b""
                 if not chunk and state.keepalive_in(trio.current_time()) == 0:
                     chunk = dialect.keepalive
                 if chunk:

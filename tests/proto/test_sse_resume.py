@@ -44,13 +44,13 @@ def resumed(last_event_id: str | None) -> tuple[SseStream, int | None]:
 def shape(sends: list[Send]) -> list[tuple[str, tuple[int, int]]]:
     """Each send as a short label and its id."""
     out = []
-    for item, event_id in sends:
+    for item, rev, seq in sends:
         if isinstance(item, Envelope):
-            out.append((f"snapshot {item.revision}", event_id))
+            out.append((f"snapshot {item.revision}", (rev, seq)))
         elif isinstance(item, Gap):
-            out.append((f"gap {item.last_event_id}", event_id))
+            out.append((f"gap {item.last_event_id}", (rev, seq)))
         else:
-            out.append((item.frame.decode(), event_id))
+            out.append((item.frame.decode(), (rev, seq)))
     return out
 
 
@@ -78,11 +78,19 @@ def test_parse_event_id(value: str, parsed: tuple[int, int] | None) -> None:
 
 def test_framed_prepends_the_id_and_caches_the_last() -> None:
     event = fly(5)
-    first = event.framed((2, 5))
+    first = event.framed(2, 5)
     assert first == b"id: 2.5\n<fly 5>"
-    assert event.framed((2, 5)) is first  # the next subscriber at the same id shares it
-    assert event.framed((3, 5)) == b"id: 3.5\n<fly 5>"
+    assert event.framed(2, 5) is first  # the next subscriber at the same id shares it
+    assert event.framed(3, 5) == b"id: 3.5\n<fly 5>"
+    assert event.framed(3, 6) == b"id: 3.6\n<fly 5>"
     assert event == fly(5)  # the cache is no part of the value
+
+
+def test_with_seq_is_the_same_event_with_its_seq() -> None:
+    event = status(4, 0)
+    assert event.with_seq(9) == Published(
+        frame=event.frame, terminal=False, version=4, rank=event.rank, seq=9
+    )
 
 
 def test_gap_frame() -> None:
@@ -142,6 +150,13 @@ def test_resume_at_the_stored_revision_replays_fly_only() -> None:
     # The live subscription delivers some replayed events again, and a status the client has.
     live = [fly(12), status(3, 12), fly(13), status(4, 14)]
     assert shape(stream.passed(live)) == [("<fly 13>", (3, 13)), ("<running 4>", (4, 14))]
+
+
+def test_a_live_status_older_than_the_replay_keeps_the_ids_going_up() -> None:
+    stream, _ = resumed("3.10")
+    stream.start(envelope(Status.RUNNING, revision=3), [fly(13)])
+    # Published after the subscription, before the replay: below the replayed seq.
+    assert shape(stream.passed([status(4, 12)])) == [("<running 4>", (4, 13))]
 
 
 def test_resume_behind_the_store_replays_then_catches_up() -> None:
@@ -226,7 +241,7 @@ def test_resync_with_a_gap_keeps_the_ids_going_up() -> None:
 def test_encode_of_every_kind_of_send() -> None:
     stream = SseStream(keepalive=15)
     stored = envelope(Status.RUNNING, revision=1)
-    sends: list[Send] = [(Gap("9.9"), (0, 0)), (stored, (1, 0)), (fly(4), (1, 4))]
+    sends: list[Send] = [(Gap("9.9"), 0, 0), (stored, 1, 0), (fly(4), 1, 4)]
     assert stream.encode(sends) == (
         b"id: 0.0\n" + Gap("9.9").frame() + b"id: 1.0\n" + catch_up_frame(stored)
         + b"id: 1.4\n<fly 4>"
