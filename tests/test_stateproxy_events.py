@@ -24,7 +24,7 @@ import trio
 
 from mesh_proto import EVENTS, FEATURES_HEADER, encode_key
 from mesh_trio.stateproxy import serve_state_proxy
-from mesh_trio.stateproxy._events import NOTIFY_LIMIT, pack
+from mesh_trio.stateproxy._events import NOTIFY_LIMIT, payload_codes
 
 pytestmark = pytest.mark.postgres
 
@@ -230,14 +230,12 @@ async def test_a_batch_is_watched_in_order_with_its_seqs(start_proxy: Start, wat
     assert (await replay(path, keys[0], seqs[-5]))[0] == []
 
 
-def test_lines_are_packed_into_few_payloads_under_the_limit() -> None:
-    lines = [f'{{"seq":{i},"event":"{"x" * 100}"}}' for i in range(500)]
-    payloads = pack(lines, range(500))
-    assert all(len(p) < NOTIFY_LIMIT for p in payloads)
-    assert len(payloads) == 8  # 500 lines of 122 to 124 bytes: 62 000 bytes, < 8000 each
-    assert "\n".join(payloads).split("\n") == lines
-    big = "y" * NOTIFY_LIMIT
-    assert pack(["a", big, "b"], [1, 2, 3]) == ["a\n2\nb"]
+def test_lines_are_planned_into_few_payloads_under_the_limit() -> None:
+    codes = payload_codes([120] * 500)  # 60 500 bytes with the separators
+    assert codes == sorted(codes) and codes[-1] == 2 * 7  # 8 payloads, none a reference
+    for payload in set(codes):
+        assert sum(121 for code in codes if code == payload) - 1 < NOTIFY_LIMIT
+    assert payload_codes([10, NOTIFY_LIMIT, 10, NOTIFY_LIMIT - 1, 10]) == [0, 1, 0, 2, 4]
 
 
 async def test_a_large_event_arrives_whole_on_another_proxy(start_proxy: Start, watch: Any) -> None:

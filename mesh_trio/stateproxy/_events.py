@@ -6,17 +6,19 @@
 # key, which is how a replay knows it has a gap. Events are stored as the compact JSON text we
 # encoded, and sent out as stored: nothing is parsed again on the way to a watcher.
 #
-# A publish is one transaction on one pooled connection, three round trips: ``BEGIN``, a
-# transaction-scoped advisory lock per distinct key (sorted, so publishers never deadlock) and
-# one `nextval` per event; then one statement that inserts every row and calls `pg_notify` for
-# each payload; then ``COMMIT``. Holding the key's lock from `nextval` to the commit is what makes
-# seq order the commit order of one key's events, which NOTIFY preserves (PostgreSQL delivers
-# notifications in commit order). A publishing PUT is the same with the guarded write and the
-# insert in one statement, so the event exists exactly when the write happened.
+# A `POST /events` is one statement, so one round trip and one (implicit) transaction: it takes
+# a transaction-scoped advisory lock per distinct key (sorted, so publishers never deadlock),
+# then draws one `nextval` per event in the order given, inserts the rows and calls `pg_notify`
+# once per payload. Holding the key's lock from `nextval` to the commit is what makes seq order
+# the commit order of one key's events, which NOTIFY preserves (PostgreSQL delivers
+# notifications in commit order). A publishing PUT is a transaction on one pooled connection
+# (`PgPool.transaction`): ``BEGIN``, the lock and the seq; then the guarded write, the insert and
+# the NOTIFY in one statement, so the event exists exactly when the write happened; ``COMMIT``.
 #
 # A NOTIFY payload (< 8000 bytes) holds lines separated by ``\n``: a watch line as it will be
 # sent (``{"seq":...}``), or, for a line too long to fit, its seq in decimal; the listening
-# proxy reads such rows back from the table. Lines are packed into as few payloads as fit.
+# proxy reads such rows back from the table. Lines are packed into as few payloads as fit,
+# planned here (`payload_codes`) with the longest seq (19 digits) and built by PostgreSQL.
 #
 # Each proxy has one LISTEN connection outside the pool (`PgPool.listen`) on a channel named
 # after its schema (``asya_events_<hash of current_schema()>``), so proxies of other schemas on
@@ -66,7 +68,7 @@ MAX_BEHIND = 64 * 1024 * 1024
 LISTEN_WAIT = 5.0
 _BACKOFF = (0.1, 5.0)
 _TRIM_SWEEP_TURNS = 60
-_SEPARATOR = "\x1e"  # between payloads in one parameter; JSON text never holds it unescaped
+_SEQ_DIGITS = 19  # the most a bigint takes in decimal
 
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
@@ -97,11 +99,23 @@ _LINE = (
     "'{\"seq\":' || seq || ',\"key\":' || to_json(key)::text || ',\"origin\":' "
     "|| to_json(origin)::text || ',\"event\":' || event || '}'"
 )
-_INSERT = (
-    b"WITH ins AS (INSERT INTO events (seq, key, origin, event) "
-    b"SELECT s::bigint, k, $4, e::text FROM ROWS FROM (json_array_elements_text($1::json), "
-    b"json_array_elements_text($2::json), json_array_elements($3::json)) AS t(s, k, e)) "
-    b"SELECT count(pg_notify($5, p)) FROM unnest(string_to_array($6, E'\\x1e')) AS p"
+# $1 lock namespace, $2 lock ids, $3 key JSON, $4 event JSON, $5 payload codes, $6 origin,
+# $7 origin JSON, $8 channel. Locks before any `nextval` (a join on the one-row `locks`);
+# `nextval` after the sort on the position, so seqs follow the order given.
+_PUBLISH = (
+    b"WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock($1::int, h::int)) AS n "
+    b"FROM json_array_elements_text($2::json) AS h), "
+    b"items AS MATERIALIZED (SELECT nextval('event_seq') AS seq, k, e, c::int AS c, i "
+    b"FROM locks, ROWS FROM (json_array_elements($3::json), json_array_elements($4::json), "
+    b"json_array_elements_text($5::json)) WITH ORDINALITY AS t(k, e, c, i) "
+    b"WHERE locks.n >= 0 ORDER BY i), "
+    b"ins AS (INSERT INTO events (seq, key, origin, event) "
+    b"SELECT seq, k #>> '{}', $6, e::text FROM items), "
+    b"payloads AS (SELECT c / 2 AS g, string_agg(CASE WHEN c % 2 = 1 THEN seq::text ELSE "
+    b"'{\"seq\":' || seq || ',\"key\":' || k::text || ',\"origin\":' || $7 || ',\"event\":' "
+    b"|| e::text || '}' END, E'\\n' ORDER BY i) AS p FROM items GROUP BY c / 2 ORDER BY c / 2) "
+    b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
+    b"FROM payloads"
 )
 _REPLAY = (
     f"SELECT '{{\"events\":[' || coalesce((SELECT string_agg({_LINE}, ',' ORDER BY seq) "
@@ -147,22 +161,20 @@ def _line(seq: int, key_json: str, origin_json: str, event_json: str) -> str:
     return f'{{"seq":{seq},"key":{key_json},"origin":{origin_json},"event":{event_json}}}'
 
 
-def pack(lines: Sequence[str], seqs: Sequence[int]) -> list[str]:
-    """NOTIFY payloads for `lines` (all ASCII) in order: each line, or its seq if the line
-    cannot fit, packed ``\\n``-separated into as few payloads under `NOTIFY_LIMIT` as fit."""
-    payloads: list[str] = []
-    current: list[str] = []
-    size = 0
-    for line, seq in zip(lines, seqs, strict=True):
-        item = line if len(line) < NOTIFY_LIMIT else str(seq)
-        if current and size + 1 + len(item) >= NOTIFY_LIMIT:
-            payloads.append("\n".join(current))
-            current, size = [], 0
-        size += len(item) + (1 if current else 0)
-        current.append(item)
-    if current:
-        payloads.append("\n".join(current))
-    return payloads
+def payload_codes(sizes: Sequence[int]) -> list[int]:
+    """Plan the NOTIFY payloads of lines of at most these `sizes` (bytes), in order: for each,
+    twice the number of its payload, plus 1 if it goes as a reference (its seq) because it
+    cannot fit. Payloads are filled in order and each stays under `NOTIFY_LIMIT`."""
+    codes = []
+    payload, used = 0, 0
+    for size in sizes:
+        ref = size >= NOTIFY_LIMIT
+        item = _SEQ_DIGITS if ref else size
+        if used and used + 1 + item >= NOTIFY_LIMIT:
+            payload, used = payload + 1, 0
+        used += item + (1 if used else 0)
+        codes.append(2 * payload + ref)
+    return codes
 
 
 def _refuse_constant(name: str) -> Any:
@@ -345,26 +357,23 @@ class EventBus:
             BadRequest: PostgreSQL refused a key (e.g. too long for the index).
         """
         origin_json = _encode(batch.origin)
-        locks = sorted({_lock_id(key) for key, _, _ in batch.items})
+        fixed = len(_line(0, "", origin_json, "")) - 1 + _SEQ_DIGITS
+        codes = payload_codes([fixed + len(k) + len(e) for _, k, e in batch.items])
+        params = (
+            str(self._lock_ns).encode(),
+            _encode(sorted({_lock_id(key) for key, _, _ in batch.items})).encode(),
+            ("[" + ",".join(k for _, k, _ in batch.items) + "]").encode(),
+            ("[" + ",".join(e for _, _, e in batch.items) + "]").encode(),
+            _encode(codes).encode(),
+            batch.origin.encode(),
+            origin_json.encode(),
+            self.channel.encode(),
+        )
         try:
-            async with self.pool.transaction() as tx:
-                rows = await tx.script(self._lock_and_seqs(locks, len(batch.items)))
-                seqs = [int(v or b"0") for v in rows.values]
-                lines = [
-                    _line(seq, key_json, origin_json, event_json)
-                    for seq, (_, key_json, event_json) in zip(seqs, batch.items, strict=True)
-                ]
-                params = (
-                    _encode(seqs).encode(),
-                    ("[" + ",".join(k for _, k, _ in batch.items) + "]").encode(),
-                    ("[" + ",".join(e for _, _, e in batch.items) + "]").encode(),
-                    batch.origin.encode(),
-                    self.channel.encode(),
-                    _SEPARATOR.join(pack(lines, seqs)).encode(),
-                )
-                await tx.execute(_INSERT, params, name=b"sp_events_publish")
+            rows = await self.pool.execute(_PUBLISH, params, name=b"sp_events_publish")
         except PgError as exc:
             raise client_error(exc, "invalid event") from None
+        seqs: list[int] = json.loads(rows.values[0] or b"[]")
         self._touched.update(key for key, _, _ in batch.items)
         self.published += len(seqs)
         return seqs
