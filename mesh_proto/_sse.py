@@ -191,8 +191,9 @@ class SseStream:
 
     def resume(self, last_event_id: str | None) -> int | None:
         """Take the client's `Last-Event-ID`; returns the seq after which the broadcaster is to
-        replay FLY events (None: nothing to replay, the stream starts fresh or over)."""
-        self._resume_id = last_event_id
+        replay FLY events (None: nothing to replay, the stream starts fresh or over). An empty
+        id is a fresh stream, as for a browser that never got one."""
+        self._resume_id = last_event_id = last_event_id or None
         if last_event_id == FROM_START:
             return 0
         self._resume = parse_event_id(last_event_id) if last_event_id is not None else None

@@ -113,6 +113,12 @@ def test_fresh_stream_bytes_open_with_retry_and_carry_ids() -> None:
     assert [e.id for e in events] == ["3.0"]
 
 
+def test_an_empty_id_is_a_fresh_stream() -> None:
+    stream, after = resumed("")
+    assert after is None
+    assert shape(stream.start(envelope(Status.RUNNING, revision=2))) == [("snapshot 2", (2, 0))]
+
+
 def test_retry_alone_when_the_first_write_has_no_frame() -> None:
     stream = SseStream(keepalive=15, retry=3)
     assert stream.encode([]) == b"retry: 3000\n\n"
