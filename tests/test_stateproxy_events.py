@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from mesh_proto import EVENTS, FEATURES_HEADER, encode_key
-from mesh_trio.stateproxy import serve_state_proxy
+from mesh_trio.stateproxy import Settings, SettingsError, serve_state_proxy
 from mesh_trio.stateproxy._events import NOTIFY_LIMIT, payload_codes
 
 pytestmark = pytest.mark.postgres
@@ -298,25 +298,52 @@ async def test_publishing_put_on_two_proxies(start_proxy: Start, watch: Any) -> 
     assert record["event"] == {"y": 2} and record["seq"] == plain.json()["seq"] > seq
 
 
+@pytest.mark.parametrize("which", ["LISTEN %", "%"])
 async def test_the_listen_connection_killed_ends_every_stream(
-    start_proxy: Start, watch: Any, pg_url: str, app_name: str
+    start_proxy: Start, watch: Any, pg_url: str, app_name: str, which: str
 ) -> None:
+    """Only this test's backends: the LISTEN one, or all (the pool's too)."""
     path = await start_proxy()
     watchers = [await watch(path), await watch(path)]
     with psycopg.connect(pg_url.split("?")[0], autocommit=True) as admin:
         killed = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = %s AND query LIKE 'LISTEN %%'",
-            (app_name,),
+            " WHERE application_name = %s AND query LIKE %s",
+            (app_name, which),
         ).fetchone()
-    assert killed == (1,)
+    assert killed is not None and killed[0] >= 1
     for watcher in watchers:
         await watcher.end()
     with trio.fail_after(WAIT):
         again = await watch(path)  # waits for the proxy to LISTEN again
     key = unique("after")
-    seqs = await publish(path, "a", (key, {"back": True}))
-    assert [r["seq"] for r in await again.records(1, {key})] == seqs
+    with trio.fail_after(WAIT):
+        while (
+            reply := await request(path, "POST", "/events", batch("a", (key, {})))
+        ).status != 200:
+            assert reply.status == 503  # a pooled connection found dead: the client retries
+    assert [r["seq"] for r in await again.records(1, {key})] == reply.json()["seqs"]
+
+
+def test_settings_of_the_bus() -> None:
+    base = {"CONNECTOR_SOCKET": "/s", "STATE_PROXY_PG_URL": "postgresql://h/db"}
+    settings = Settings.from_env(base)
+    assert (settings.event_buffer, settings.event_age) == (256, 60.0)
+    settings = Settings.from_env(
+        {**base, "STATE_PROXY_EVENT_BUFFER": "3", "STATE_PROXY_EVENT_AGE": "2.5s"}
+    )
+    assert (settings.event_buffer, settings.event_age) == (3, 2.5)
+    for name, bad in [
+        ("BUFFER", "0"),
+        ("BUFFER", "-1"),
+        ("BUFFER", "2.5"),
+        ("AGE", "0"),
+        ("AGE", "inf"),
+        ("AGE", "x"),
+    ]:
+        env = {**base, f"STATE_PROXY_EVENT_{name}": bad}
+        with pytest.raises(SettingsError, match=f"^STATE_PROXY_EVENT_{name} is invalid"):
+            Settings.from_env(env)
 
 
 async def test_pruning_to_the_buffer_reports_a_gap(start_proxy: Start) -> None:
