@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -21,10 +22,13 @@ import h11
 import psycopg
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_proto import EVENTS, FEATURES_HEADER, encode_key
 from mesh_trio.stateproxy import Settings, SettingsError, serve_state_proxy
+from mesh_trio.stateproxy._errors import PgError
 from mesh_trio.stateproxy._events import NOTIFY_LIMIT, payload_codes
+from mesh_trio.stateproxy._pg import PgPool
 
 pytestmark = pytest.mark.postgres
 
@@ -501,3 +505,68 @@ async def test_proxies_on_other_schemas_see_nothing(
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """The samples of the proxy's metrics port, by name with labels (``name{op=watch}``)."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    text = data.partition(b"\r\n\r\n")[2].decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+async def test_the_metrics_count_events_and_streams(start_proxy: Start, watch: Any) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    path = await start_proxy(metrics_port=port)
+    watcher = await watch(path)
+    key = unique("counted")
+    await publish(path, "a", (key, {}), (key, {}))
+    await watcher.records(2, {key})
+    samples = await scrape(port)
+    assert samples["asya_state_proxy_events_published_total"] == 2
+    assert samples["asya_state_proxy_watch_streams_total"] == 1
+    assert samples["asya_state_proxy_watch_streams_open"] == 1
+    assert samples["asya_state_proxy_requests_total{op=publish,status=200}"] == 1
+    assert samples["asya_state_proxy_requests_total{op=watch,status=200}"] == 1
+
+
+async def test_a_transaction_commits_whole_or_not_at_all(pg_url: str) -> None:
+    pool = PgPool(pg_url, max_size=1)
+    key = unique("tx").encode()
+    insert = b"INSERT INTO tx_probe (key) VALUES ($1)"
+    try:
+        await pool.execute_script(b"CREATE TABLE IF NOT EXISTS tx_probe (key text PRIMARY KEY)")
+
+        async def stored() -> tuple[bytes | None, ...]:
+            rows = await pool.execute(b"SELECT key FROM tx_probe WHERE key LIKE $1", [key + b"%"])
+            return tuple(sorted(v for v in rows.values if v is not None))
+
+        with pytest.raises(PgError):  # the second statement fails: the first is undone
+            async with pool.transaction() as tx:
+                await tx.execute(insert, [key + b"1"])
+                await tx.execute(b"SELECT 1 / 0")
+        with pytest.raises(LookupError):  # anything raised in the block undoes it too
+            async with pool.transaction() as tx:
+                await tx.script(b"INSERT INTO tx_probe VALUES ('" + key + b"2')")
+                raise LookupError
+        async with pool.transaction() as tx:
+            await tx.execute(insert, [key + b"3"])
+            await tx.rollback()
+        assert await stored() == ()
+        async with pool.transaction() as tx:
+            await tx.execute(insert, [key + b"4"])
+            await tx.execute(insert, [key + b"5"])
+        assert await stored() == (key + b"4", key + b"5")
+        assert pool.statistics().in_use == 0
+    finally:
+        pool.close()
