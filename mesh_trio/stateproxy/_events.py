@@ -506,6 +506,8 @@ class EventBus:
 
     async def _deliver(self, payloads: list[bytes]) -> None:
         """Queue the lines of `payloads` for every watcher, reading referenced rows back."""
+        if not self._watchers:
+            return  # nobody to tell: not even a read of a referenced row
         lines: list[bytes] = []
         refs: list[int] = []
         for payload in payloads:
@@ -522,10 +524,9 @@ class EventBus:
                 raise StoreUnavailable("an event was pruned before it could be read back")
             places = iter(refs)
             lines = [line or found[next(places)] for line in lines]
-        if self._watchers:
-            chunk = b"\n".join(lines) + b"\n"
-            for watcher in self._watchers:
-                watcher.push(chunk)
+        chunk = b"\n".join(lines) + b"\n"
+        for watcher in self._watchers:
+            watcher.push(chunk)
 
     async def _prune_forever(self) -> None:
         failing = False
