@@ -239,8 +239,11 @@ class Batch:
         return cls(origin, tuple(items))
 
 
-def parse_publish(body: bytes) -> tuple[bytes, str]:
-    """The value (JSON) and the event (JSON) of a publishing PUT's ``{"value", "event"}``.
+def parse_publish(body: bytes) -> str:
+    """Check a publishing PUT's ``{"value": V, "event": E}``; the event as compact JSON.
+
+    The value is left in the body, which PostgreSQL reads it from (`EventBus.put_publish`):
+    an envelope of megabytes is not encoded again here.
 
     Raises:
         BadRequest: not JSON, no `value`, or an `event` that is not an object.
@@ -248,7 +251,7 @@ def parse_publish(body: bytes) -> tuple[bytes, str]:
     doc = _load(body)
     if not isinstance(doc, dict) or "value" not in doc:
         raise BadRequest("body must be {value, event}")
-    return _encode(doc["value"]).encode(), _event_json(doc.get("event"))
+    return _event_json(doc.get("event"))
 
 
 @attrs.define(eq=False)
@@ -381,7 +384,7 @@ class EventBus:
     async def put_publish(
         self,
         key: str,
-        value: bytes,
+        body: bytes,
         origin: str,
         event_json: str,
         *,
@@ -389,9 +392,9 @@ class EventBus:
         revision: str | None = None,
         absent: bool = False,
     ) -> int | None:
-        """Write `value` at `key` as a PUT with these guards would and, only if written,
-        publish the event, in one transaction. The event's seq, or None if a guard failed
-        (nothing written, nothing published).
+        """Write the `value` of `body` (checked by `parse_publish`) at `key` as a PUT with
+        these guards would and, only if written, publish the event, in one transaction. The
+        event's seq, or None if a guard failed (nothing written, nothing published).
 
         Raises:
             StoreUnavailable, BadRequest: as for `publish` (BadRequest also for a value
@@ -400,7 +403,7 @@ class EventBus:
         write, name, guards = write_statement(status=status, revision=revision, absent=absent)
         first = 3 + len(guards)
         sql = (
-            f"WITH w AS ({write.decode()} RETURNING 1), ins AS (INSERT INTO events "
+            f"WITH w AS ({value_of_body(write)} RETURNING 1), ins AS (INSERT INTO events "
             f"(seq, key, origin, event) SELECT ${first}::bigint, $1, ${first + 1}, ${first + 2} "
             f"FROM w) SELECT pg_notify(${first + 3}, ${first + 4}) FROM w"
         ).encode()
@@ -410,7 +413,7 @@ class EventBus:
                 seq = int(rows.values[0] or b"0")
                 line = _line(seq, _key_json(key), _encode(origin), event_json)
                 payload = line if len(line) < NOTIFY_LIMIT else str(seq)
-                params = (key.encode(), value, *guards, str(seq).encode(), origin.encode())
+                params = (key.encode(), body, *guards, str(seq).encode(), origin.encode())
                 params += (event_json.encode(), self.channel.encode(), payload.encode())
                 written = await tx.execute(sql, params, name=name + b"_publish")
                 if not written.values:
@@ -562,6 +565,12 @@ class EventBus:
             trim_keep = (*self._prune_lock, repr(max(TRIM_KEEP, self.age)).encode())
             await self.pool.execute(_SWEEP_TRIMS, trim_keep)
         return True
+
+
+def value_of_body(write: bytes) -> str:
+    """A write of `write_statement` that stores the `value` member of its ``$2``."""
+    assert write.count(b"$2::jsonb") == 1
+    return write.decode().replace("$2::jsonb", "($2::jsonb -> 'value')")
 
 
 def _seq_of(line: bytes) -> int:

@@ -213,10 +213,10 @@ class Router:
         origin = params.get("origin")
         if not is_origin(origin):
             raise BadRequest("origin must be 1 to 64 characters of [A-Za-z0-9_.-]")
-        value, event = parse_publish(body)
+        event = parse_publish(body)
         absent = IF_ABSENT in params
         seq = await self.bus.put_publish(
-            key, value, origin, event, status=if_status, revision=if_rev, absent=absent
+            key, body, origin, event, status=if_status, revision=if_rev, absent=absent
         )
         if seq is None:
             reason = "the key exists" if absent else _guards(if_status, if_rev)
