@@ -570,3 +570,22 @@ async def test_a_transaction_commits_whole_or_not_at_all(pg_url: str) -> None:
         assert pool.statistics().in_use == 0
     finally:
         pool.close()
+
+
+async def test_concurrent_publishers_of_one_key_are_watched_in_seq_order(
+    start_proxy: Start, watch: Any
+) -> None:
+    proxies = [await start_proxy(), await start_proxy()]
+    watcher = await watch(proxies[1])
+    key = unique("contended")
+
+    async def publisher(n: int) -> None:
+        for round_ in range(20):
+            await publish(proxies[n % 2], f"p{n}", *[(key, {"n": n, "r": round_})] * 3)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(publisher, n)
+    seqs = [record["seq"] for record in await watcher.records(240, {key})]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 240
+    assert [e["seq"] for e in (await replay(proxies[0], key, 0))[0]] == seqs[-240:]
