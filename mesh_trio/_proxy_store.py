@@ -12,6 +12,12 @@ count and bytes) and hands it to the update as `known`: a status event then cost
 and a read. Without the guard nothing is cached, since `if_status` alone could not catch a stale
 copy's lost merge. The features are learned on the first update and on every ping (`/ready`).
 
+When the proxy has the event bus (`EVENTS`) and a replicated broadcaster is attached (it sets
+`origin`, `_bus.py`), a status update is written and published in one transaction
+(`update_status(..., publish=origin)`): the `Applied` carries the event's `seq`, which tells the
+broadcaster the event is already on the bus. `post_events` and `replay` are the bus's other two
+requests (`POST /events`, `GET /events/{key}?after=N`); the watch stream is the broadcaster's own.
+
 Faults map to `ServiceError` (503 to the client) within the pool's timeout: the socket missing
 or the proxy down, a reply cut short, a 5xx from the proxy. A write whose request may have
 reached the proxy is never re-sent.
@@ -32,9 +38,11 @@ from mesh_proto import (
     CLAIM_PREFIX,
     COLUMN_BOUNDS,
     DELETE_QUERY,
+    EVENTS,
     IF_ABSENT,
     REV_GUARD,
     Applied,
+    BusEvent,
     Claim,
     Envelope,
     IdempotencyUnsupported,
@@ -53,6 +61,7 @@ from mesh_proto import (
     delete_request,
     dumps,
     envelope_key,
+    events_request,
     expired_request,
     format_time,
     get_request,
@@ -61,7 +70,10 @@ from mesh_proto import (
     purge_request,
     read_deleted,
     read_envelope,
+    read_replay,
     read_rows,
+    read_seqs,
+    replay_request,
     update_status,
 )
 
@@ -137,6 +149,9 @@ class ProxyStore:
     cache: EnvelopeCache = attrs.field(factory=EnvelopeCache)
     # What the proxy's health reply listed; None until it has answered one.
     features: frozenset[str] | None = None
+    # This replica's name on the event bus, set by the broadcaster that uses it (`_bus.py`):
+    # status updates then publish their events with their writes.
+    origin: str | None = None
     _warned_idempotency: bool = False
 
     async def _send(self, request: StoreRequest, *, headers: bool = False) -> StoreReply:
@@ -171,6 +186,24 @@ class ProxyStore:
     def _caching(self) -> bool:
         return self.features is not None and REV_GUARD in self.features
 
+    @property
+    def has_events(self) -> bool:
+        """Whether the proxy's last health reply listed the event bus (`EVENTS`)."""
+        return self.features is not None and EVENTS in self.features
+
+    async def post_events(self, origin: str, events: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Publish `(key, event JSON)` pairs in one `POST /events`; their seqs, in order.
+
+        Raises:
+            ServiceError: the proxy cannot take them (unreachable, or PostgreSQL down: 503).
+        """
+        return read_seqs(await self._send(events_request(origin, events)), len(events))
+
+    async def replay(self, key: str, after: int) -> tuple[list[BusEvent], bool]:
+        """The buffered events of `key` after seq `after`, oldest first, and whether some
+        were pruned meanwhile (a gap)."""
+        return read_replay(await self._send(replay_request(key, after)))
+
     async def ping(self) -> None:
         self.features = check_health(await self._send(health_request(), headers=True))
 
@@ -192,7 +225,9 @@ class ProxyStore:
         if self.features is None:
             await self.ping()
         known = self.cache.get(envelope_id) if self._caching else None
-        outcome, last = await self._drive(update_status(envelope_id, event, now, known=known))
+        publish = self.origin if self.has_events else None
+        procedure = update_status(envelope_id, event, now, known=known, publish=publish)
+        outcome, last = await self._drive(procedure)
         if outcome is None:
             self.cache.discard(envelope_id)
         elif self._caching:

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from typing import Any, cast
 
@@ -28,8 +28,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from mesh_proto import ServiceError
+
 from ._backstop import run_backstop
 from ._broadcast import Broadcaster
+from ._bus import SINGLE_REPLICA, open_proxy_broadcaster
 from ._config import Config, ConfigError, StartupError, root_cause
 from ._demo import run_demo_actors
 from ._extension import Extensions
@@ -37,6 +40,7 @@ from ._hub import Hub
 from ._mesh import Mesh
 from ._metrics import MeshMetrics, MeteredStore
 from ._observability import TracedStore, open_tracing
+from ._proxy_store import ProxyStore
 from ._retention import Purging, run_retention
 from ._store import Store, open_embedded_store
 from ._web import InternalApp, external_app
@@ -91,12 +95,26 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
 
 
 @asynccontextmanager
-async def open_broadcaster(config: Config) -> AsyncIterator[Broadcaster]:
-    """The fan-out of published frames: the in-process hub, closed when the context ends.
+async def open_broadcaster(config: Config, store: object) -> AsyncIterator[Broadcaster]:
+    """The fan-out of published frames, closed when the context ends (`_broadcast.py`).
 
-    A broadcaster across replicas (through the state proxy) will be chosen here from `config`;
-    `_broadcast.py` says what it needs.
+    `store` is the one `open_store` yielded. Through a state proxy that advertises the event
+    bus, the replicated broadcaster (`_bus.py`): every replica on the same PostgreSQL sees
+    every event. Through one without it (the Go proxy), the in-process hub and one warning:
+    streams then see only the events posted to this replica. The embedded stores: the hub.
+    A proxy that does not answer yet is taken for one with the bus (the broadcaster checks
+    again once it answers).
     """
+    if isinstance(store, ProxyStore) and config.state_proxy_socket is not None:
+        with suppress(ServiceError):
+            await store.ping()
+        if store.features is None or store.has_events:
+            # The bus's buffer serves replays: the local hub keeps none.
+            local = Hub(buffer=0, buffer_age=config.event_buffer_age)
+            async with open_proxy_broadcaster(store, config.state_proxy_socket, local) as bus:
+                yield bus
+            return
+        log.warning(SINGLE_REPLICA)
     hub = Hub(buffer=config.event_buffer, buffer_age=config.event_buffer_age)
     try:
         yield hub
@@ -169,7 +187,7 @@ async def serve(
         if otel is not None:
             store = TracedStore(store, otel)
         dispatcher = await stack.enter_async_context(open_transport(config))
-        broadcaster = await stack.enter_async_context(open_broadcaster(config))
+        broadcaster = await stack.enter_async_context(open_broadcaster(config, purging))
         metrics.watch_broadcaster(broadcaster)
         mesh = Mesh(
             store=store,
