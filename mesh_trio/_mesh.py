@@ -73,6 +73,8 @@ CREATE_GRACE = 30.0
 # How long a retry with an `Idempotency-Key` waits for the create that claimed the key to store
 # its envelope (it polls the store: the claimer may be another replica).
 IDEMPOTENCY_WAIT = 10.0
+# How long a stream's resync waits for an unavailable store before it ends.
+RESYNC_PATIENCE = 10.0
 
 
 def utcnow() -> datetime:
@@ -408,10 +410,10 @@ class Mesh:
                     await sub.wait()
                 pending, resync = sub.take()
                 if resync:
-                    envelope = await self.store.get(envelope_id)
-                    if envelope is None:
+                    reread = await self._reread(envelope_id, state.seq if resume else None)
+                    if reread is None:
                         return
-                    replayed = await self._replay(envelope_id, state.seq if resume else None)
+                    envelope, replayed = reread
                     sends = state.resync(envelope, *replayed)
                     sends += state.passed(pending)
                 else:
@@ -424,6 +426,26 @@ class Mesh:
                     state.sent(trio.current_time())
                 if sub.closed:
                     return
+
+    async def _reread(
+        self, envelope_id: str, after: int | None
+    ) -> tuple[Envelope, tuple[Sequence[Published], bool]] | None:
+        """A resync's snapshot and replay (None: the envelope is gone). While the store is
+        unavailable, asked again with backoff for up to `RESYNC_PATIENCE` seconds rather than
+        ending the stream: what sends every stream back (a replicated broadcaster's watch that
+        reconnected) is often an outage of the same database."""
+        delay, give_up = 0.05, trio.current_time() + RESYNC_PATIENCE
+        while True:
+            try:
+                envelope = await self.store.get(envelope_id)
+                if envelope is None:
+                    return None
+                return envelope, await self._replay(envelope_id, after)
+            except ServiceError:
+                if trio.current_time() + delay > give_up:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _replay(
         self, envelope_id: str, after: int | None
