@@ -4,6 +4,9 @@ Candidates come from a store query on `deadline_at`; the core decides which expi
 (`mesh_proto.expired`) and each is failed through the ordinary conditional update with
 `EXPIRE_EVENT`, so an envelope that finished meanwhile is left alone, and with several
 replicas exactly one of them wins each transition (the others' updates are ignored as stale).
+Every replica runs it; nothing coordinates them beyond that conditional write. The winner's
+write publishes the `failed` event on the state proxy's bus in the same transaction
+(`_bus.py`), so every replica's subscribers get it exactly once and the losers publish nothing.
 """
 
 from __future__ import annotations
