@@ -10,8 +10,8 @@ bus (`events` in the proxy's features: `POST /events`, `PUT ?publish=1`, `GET /e
   has its `seq`, and is only delivered here.
 - A FLY event (no `seq` yet) goes to the bus first: a sender task posts every FLY event waiting
   at that moment in one `POST /events` (in `publish` order, one request at a time, so a key's
-  events keep their order), each `publish` waits for its seq (503 when the proxy cannot take
-  it: a sidecar's 204 means "on the bus"), then it is delivered here.
+  events keep their order), each `publish` waits for it (503 when the proxy cannot take it:
+  a sidecar's 204 means "on the bus"), and the sender delivers the batch here in seq order.
 - A watch task holds `GET /events/watch` on a connection of its own (the pool does not stream)
   and delivers the events of the other replicas (`origin` is this process's random name) to
   the keys that have subscribers here. When the stream breaks or the proxy ends it (its LISTEN
@@ -91,9 +91,9 @@ class _Outgoing:
     """A FLY event waiting for the sender, and what became of it."""
 
     key: str
+    published: Published
     event: bytes
     done: trio.Event = attrs.field(factory=trio.Event)
-    seq: int | None = None
     error: Exception | None = None
 
 
@@ -138,7 +138,8 @@ class ProxyBroadcaster:
             ServiceError: the proxy could not take the event (nothing was delivered).
         """
         if published.seq is None and self._bus:
-            published = published.with_seq(await self._post(key, published))
+            await self._post(key, published)  # the sender delivers it, in seq order
+            return
         await self.hub.publish(key, published)
 
     def subscribe(self, key: str) -> AbstractAsyncContextManager[HubSubscription]:
@@ -179,15 +180,13 @@ class ProxyBroadcaster:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def _post(self, key: str, published: Published) -> int:
-        outgoing = _Outgoing(envelope_key(key), event_bytes(published))
+    async def _post(self, key: str, published: Published) -> None:
+        outgoing = _Outgoing(key, published, event_bytes(published))
         self._outgoing.append(outgoing)
         self._wakeup.set()
         await outgoing.done.wait()
         if outgoing.error is not None:
             raise outgoing.error
-        assert outgoing.seq is not None
-        return outgoing.seq
 
     def _batch(self) -> list[_Outgoing]:
         """The oldest waiting events that fit one request (at least one)."""
@@ -215,14 +214,17 @@ class ProxyBroadcaster:
 
     async def _send(self, batch: list[_Outgoing]) -> None:
         try:
-            seqs = await self.store.post_events(self.origin, [(o.key, o.event) for o in batch])
+            events = [(envelope_key(o.key), o.event) for o in batch]
+            seqs = await self.store.post_events(self.origin, events)
         except Exception as exc:  # handed to each publisher, who raises it
             for outgoing in batch:
                 outgoing.error = exc
         else:
+            # Delivered here, not by each woken publisher: local subscribers get them in seq
+            # order, as the other replicas do (a stream drops a FLY event older than one sent).
             self._posted += len(batch)
             for outgoing, seq in zip(batch, seqs, strict=True):
-                outgoing.seq = seq
+                await self.hub.publish(outgoing.key, outgoing.published.with_seq(seq))
         finally:
             for outgoing in batch:
                 outgoing.done.set()

@@ -236,3 +236,23 @@ async def test_a_client_resumes_on_another_replica_when_its_replica_dies(
     assert snapshot["status"] == "running" and snapshot["data"]["step"] == 2, statuses
     assert terminal == {"result": 1, "status": "succeeded"}
     assert not [e for e in second.events if e.event == "gap"]
+
+
+async def test_concurrent_fly_events_all_reach_the_local_and_remote_streams_in_order(
+    nursery: trio.Nursery, pg_url: str, short_dir: str
+) -> None:
+    """Concurrent posts share `POST /events` requests; each stream still gets every one."""
+    a, b = await replicas(nursery, pg_url, short_dir, count=2)
+    envelope_id = await a.create()
+    streams = [await subscribed(a, envelope_id), await subscribed(b, envelope_id)]
+    async with trio.open_nursery() as posters:
+        for n in range(40):
+            posters.start_soon(partial(a.fly, envelope_id, {"n": n}))
+    await accepted(await a.status(envelope_id, "succeeded"))
+    for stream in streams:
+        await stream.wait_end()
+        fly = [e for e in stream.events if e.event == "fly"]
+        assert sorted(json.loads(e.data)["n"] for e in fly) == list(range(40))
+        seqs = [int(str(e.id).split(".")[1]) for e in fly]
+        assert seqs == sorted(seqs)
+    assert bus_of(a).statistics().posted == 40
