@@ -35,7 +35,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import loadgen  # noqa: E402
+import loadgen
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 POD_ENV = {
