@@ -1,24 +1,29 @@
-"""Plain-ASGI helpers of the internal port's lean app.
+"""The internal port on hypercorn: an ASGI adapter around `_handler.MeshHandler`.
 
-Request bodies are read with a limit enforced on `Content-Length` and on chunked bodies alike;
-replies are JSON (or empty) with an exact `Content-Length`; errors are logged only when they
-are ours or a dependency's, never for a client's mistake.
+`InternalApp` reads the request body (with the 10 MiB limit enforced on `Content-Length` and on
+chunked bodies alike), hands the request to the port's `MeshHandler` (the same one the lean
+listener calls), and sends its reply with an exact `Content-Length`. Errors are logged only when
+they are ours or a dependency's, never for a client's mistake.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from mesh_proto import MAX_BODY, ClientError, PayloadTooLarge, ProtocolError
+
+from ._lean import Request
+
+if TYPE_CHECKING:
+    from ._handler import MeshHandler
 
 log = logging.getLogger("mesh_trio.http")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-JSON = b"application/json"
 
 
 def log_error(exc: ProtocolError) -> None:
@@ -47,17 +52,6 @@ async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY) -> by
             return b"".join(chunks)
 
 
-async def send_response(
-    send: Send, status: int, payload: bytes, headers: Iterable[tuple[str, str]] = ()
-) -> None:
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers]
-    if payload:
-        raw.append((b"content-type", JSON))
-    raw.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
-
-
 async def serve_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     """Answer the ASGI lifespan protocol for an app that owns nothing needing it."""
     while True:
@@ -67,3 +61,30 @@ async def serve_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+class InternalApp:
+    """The sidecar-facing ASGI app: the internal port's `MeshHandler` behind ASGI."""
+
+    def __init__(self, handler: MeshHandler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
+            return
+        refused: ProtocolError | None = None
+        try:
+            body = await read_body(scope, receive)
+        except ProtocolError as exc:
+            body, refused = b"", exc
+        request = Request(
+            scope["method"], scope["path"], scope["query_string"], scope["headers"], body
+        )
+        # Each request is its own task (hypercorn), so the request id needs no reset.
+        reply = await self.handler(request, refused)
+        headers = [*reply.headers, (b"content-length", b"%d" % len(reply.body))]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})

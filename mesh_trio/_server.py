@@ -28,22 +28,25 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from mesh_proto import ServiceError
+from mesh_proto import MAX_BODY, Role, ServiceError
 
+from ._asgi import InternalApp
 from ._backstop import run_backstop
 from ._broadcast import Broadcaster
 from ._bus import SINGLE_REPLICA, open_proxy_broadcaster
 from ._config import Config, ConfigError, StartupError, root_cause
 from ._demo import run_demo_actors
 from ._extension import Extensions
+from ._handler import MeshHandler
 from ._hub import Hub
+from ._lean import serve_lean
 from ._mesh import Mesh
 from ._metrics import MeshMetrics, MeteredStore
 from ._observability import TracedStore, open_tracing
 from ._proxy_store import ProxyStore
 from ._retention import Purging, run_retention
 from ._store import Store, open_embedded_store
-from ._web import InternalApp, external_app
+from ._web import external_app
 from .transports import MemoryQueues, open_transport
 
 log = logging.getLogger("mesh_trio")
@@ -126,6 +129,65 @@ def _port(binds: list[str]) -> int:
     return int(binds[0].rsplit(":", 1)[1])
 
 
+def _startup_error(exc: BaseException, config: Config, variable: str, port: int) -> None:
+    """Raise the `StartupError` naming the setting behind a failure to listen, if it is one.
+
+    Raises:
+        StartupError: the host does not resolve or the port cannot be bound (in use, not
+            allowed).
+    """
+    host = config.host
+    cause = root_cause(exc)
+    if isinstance(cause, socket.gaierror):
+        raise StartupError(f"ASYA_MESH_HOST={host!r}: {cause.strerror}") from cause
+    if isinstance(cause, OSError):
+        raise StartupError(
+            f"{variable}={port}: cannot listen on {host}:{port}: {cause.strerror}"
+        ) from cause
+
+
+async def _open_listeners(
+    config: Config, variable: str, sock: socket.socket | None
+) -> list[trio.SocketListener]:
+    """The lean listener's sockets: the supervisor's `sock`, else bound to `config.host` and
+    the port `variable` sets (see `_startup_error`)."""
+    if sock is not None:
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+    port = config.internal_port if variable == "ASYA_MESH_INTERNAL_PORT" else config.external_port
+    try:
+        # The backlog hypercorn is given too: a burst of thousands of SSE connects.
+        return await trio.open_tcp_listeners(port, host=config.host, backlog=4096)
+    except OSError as exc:
+        _startup_error(exc, config, variable, port)
+        raise
+
+
+async def _start_lean(
+    nursery: trio.Nursery,
+    handler: MeshHandler,
+    config: Config,
+    variable: str,
+    stop: trio.Event,
+    sock: socket.socket | None,
+) -> list[str]:
+    """Start the lean listener of one port; returns its binds (as hypercorn names them)."""
+    listeners = await _open_listeners(config, variable, sock)
+    host, port = listeners[0].socket.getsockname()[:2]
+    await nursery.start(
+        partial(
+            serve_lean,
+            handler,
+            listeners,
+            max_body=MAX_BODY,
+            keepalive_timeout=config.keepalive_timeout,
+            header_timeout=config.header_timeout,
+            graceful_timeout=config.graceful_timeout,
+            shutdown_trigger=stop.wait,
+        )
+    )
+    return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]
+
+
 async def _start_listener(
     nursery: trio.Nursery,
     listen: Callable[..., Awaitable[Any]],
@@ -146,13 +208,7 @@ async def _start_listener(
     try:
         binds: list[str] = await nursery.start(listen, app, settings(host, port, sock=sock))
     except (OSError, BaseExceptionGroup) as exc:
-        cause = root_cause(exc)
-        if isinstance(cause, socket.gaierror):
-            raise StartupError(f"ASYA_MESH_HOST={host!r}: {cause.strerror}") from cause
-        if isinstance(cause, OSError):
-            raise StartupError(
-                f"{variable}={port}: cannot listen on {host}:{port}: {cause.strerror}"
-            ) from cause
+        _startup_error(exc, config, variable, port)
         raise
     return binds
 
@@ -205,8 +261,7 @@ async def serve(
         router = config.router
         # Extension modules (mesh_compat with ASYA_MESH_COMPAT=1) are imported by name only here.
         routes = Extensions.load(config.extensions, mesh, router)
-        external: Any = external_app(mesh, routes, cors_origins=config.cors_origins)
-        internal: Any = InternalApp(mesh, routes)
+        internal = MeshHandler(mesh, routes, Role.INTERNAL)
         stop_listeners = trio.Event()
         settings = partial(
             hypercorn_config,
@@ -214,13 +269,31 @@ async def serve(
             access_log=config.access_log,
         )
         async with trio.open_nursery() as nursery:
-            listen = partial(hypercorn_serve, shutdown_trigger=stop_listeners.wait)
-            ext_binds = await _start_listener(
-                nursery, listen, external, settings, config, "ASYA_MESH_EXTERNAL_PORT", ext_sock
-            )
-            int_binds = await _start_listener(
-                nursery, listen, internal, settings, config, "ASYA_MESH_INTERNAL_PORT", int_sock
-            )
+            if config.http == "lean":
+                external = MeshHandler(
+                    mesh, routes, Role.EXTERNAL, cors_origins=config.cors_origins
+                )
+                ext_binds = await _start_lean(
+                    nursery, external, config, "ASYA_MESH_EXTERNAL_PORT", stop_listeners, ext_sock
+                )
+                int_binds = await _start_lean(
+                    nursery, internal, config, "ASYA_MESH_INTERNAL_PORT", stop_listeners, int_sock
+                )
+            else:
+                listen = partial(hypercorn_serve, shutdown_trigger=stop_listeners.wait)
+                app = external_app(mesh, routes, cors_origins=config.cors_origins)
+                ext_binds = await _start_listener(
+                    nursery, listen, app, settings, config, "ASYA_MESH_EXTERNAL_PORT", ext_sock
+                )
+                int_binds = await _start_listener(
+                    nursery,
+                    listen,
+                    InternalApp(internal),
+                    settings,
+                    config,
+                    "ASYA_MESH_INTERNAL_PORT",
+                    int_sock,
+                )
             bound = Bound(_port(ext_binds), _port(int_binds), mesh)
             if mesh.gateway_url is None:
                 mesh.gateway_url = f"http://127.0.0.1:{bound.internal_port}"

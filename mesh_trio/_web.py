@@ -1,17 +1,15 @@
-"""The HTTP edge: a quart-trio app for the external port, a lean ASGI app for the internal one.
+"""The external port on hypercorn (`ASYA_MESH_HTTP=hypercorn`): a quart-trio app, and the
+operation helpers both listeners share.
 
-Both resolve requests with `mesh_proto.Router` (so 404 versus 405 + `Allow` is the core's
-decision), call a `Mesh` operation, and answer with the core's reply; neither holds any logic
-of its own.
-
-Why two shapes: the external port serves people and dashboards (create, list, SSE, CORS), where
-quart's request/response model earns its keep. The internal port carries every sidecar event,
-the hot path of the mesh; quart-trio costs about 2 ms of CPU per request before our code runs,
-more than the whole request costs hypercorn itself, so the internal port speaks ASGI directly
-(see docs/performance.md).
+The app resolves requests with `mesh_proto.Router` (so 404 versus 405 + `Allow` is the core's
+decision), calls a `Mesh` operation, and answers with the core's reply, holding no logic of its
+own. Its replies are the same as `_handler.MeshHandler`'s, which serves both ports on the lean
+listener and the internal port on hypercorn too (`_asgi.InternalApp`): quart-trio costs about
+2 ms of CPU per request before our code runs (see docs/performance.md), too much for the
+internal port's sidecar events.
 
 Extension routes (`_extension.py`: the legacy routes of `mesh_compat`) are rows of the same
-router: both apps hand them to the extension's handler and add its headers to every response
+router: the app hands them to the extension's handler and adds its headers to every response
 of its paths, errors included.
 """
 
@@ -43,11 +41,11 @@ from mesh_proto import (
     openapi_document,
 )
 
-from ._asgi import Receive, Scope, Send, log_error, read_body, send_response, serve_lifespan
-from ._extension import ExtensionReply, ExtensionRequest, Extensions
+from ._asgi import log_error
+from ._extension import ExtensionRequest, Extensions
 from ._mesh import Mesh
-from ._metrics import CONTENT_TYPE, NO_OP, is_metrics, route_label
-from ._observability import REQUEST_ID_HEADER, new_request_id, request_id, request_id_in
+from ._metrics import route_label
+from ._observability import REQUEST_ID_HEADER, new_request_id, request_id
 
 log = logging.getLogger("mesh_trio.http")
 
@@ -310,110 +308,3 @@ def external_app(
     app.add_url_rule("/", "root", handle, methods=METHODS)
     app.add_url_rule("/<path:path>", "any", handle, methods=METHODS)
     return app
-
-
-class InternalApp:
-    """The sidecar-facing ASGI app: event publishing and the heartbeat GET, health and ready,
-    and the internal routes of extensions.
-
-    Bodies are read with the 10 MiB limit enforced on `Content-Length` and on chunked bodies
-    alike (an extension handler may ask for a lower one).
-    """
-
-    def __init__(self, mesh: Mesh, routes: Extensions) -> None:
-        self.mesh = mesh
-        self.routes = routes
-        self.router = routes.router
-        self.document = dumps(openapi_document(self.router.prefix, role=Role.INTERNAL))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(scope, receive, send)
-            return
-        if scope["type"] != "http":  # pragma: no cover - hypercorn only sends these
-            return
-        started = time.perf_counter()
-        # Each request is its own task (hypercorn), so the variable needs no reset.
-        rid = request_id_in(scope["headers"])
-        request_id.set(rid)
-        headers: Iterable[tuple[str, str]] = ()
-        try:
-            if is_openapi(scope["method"], scope["path"]):
-                status, payload = 200, self.document
-                scope["mesh.op"] = "openapi"
-            elif is_metrics(scope["method"], scope["path"]):
-                # Answered apart (its own content type); scrapes are not counted.
-                await self._send_metrics(send, rid)
-                return
-            else:
-                status, headers, payload = await self._route(scope, receive)
-        except ProtocolError as exc:
-            log_error(exc)
-            status, payload = exc.status_hint, exc.body()
-            headers = (*self.routes.error_headers(Role.INTERNAL, scope["path"]), *exc.headers)
-        await send_response(send, status, payload, (*headers, (REQUEST_ID_HEADER, rid)))
-        op = scope.get("mesh.op", NO_OP)
-        self.mesh.metrics.request("internal", op, status, time.perf_counter() - started)
-        if log.isEnabledFor(logging.DEBUG):
-            ms = round((time.perf_counter() - started) * 1000, 1)
-            log.debug(
-                "request port=internal method=%s path=%s status=%d ms=%.1f",
-                scope["method"],
-                scope["path"],
-                status,
-                ms,
-                extra={
-                    "port": "internal",
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": ms,
-                },
-            )
-
-    async def _route(
-        self, scope: Scope, receive: Receive
-    ) -> tuple[int, Iterable[tuple[str, str]], bytes]:
-        route = self.router.resolve(Role.INTERNAL, scope["method"], scope["path"])
-        scope["mesh.op"] = str(route.op.value)  # the `op` label of the request's metrics
-        if not isinstance(route.op, Op):
-            return await self._extension(route, scope, receive)
-        status, payload = await run_operation(
-            self.mesh,
-            route.op,
-            route.id,
-            scope["query_string"],
-            lambda: read_body(scope, receive),
-        )
-        return status, (), payload
-
-    async def _send_metrics(self, send: Send, rid: str) -> None:
-        payload = self.mesh.metrics.render()
-        headers = [
-            (b"content-type", CONTENT_TYPE.encode()),
-            (b"content-length", str(len(payload)).encode()),
-            (REQUEST_ID_HEADER.lower().encode(), rid.encode()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
-    async def _extension(
-        self, route: Route, scope: Scope, receive: Receive
-    ) -> tuple[int, Iterable[tuple[str, str]], bytes]:
-        owner = self.routes.routes[route.op]
-
-        async def read(limit: int) -> bytes:
-            return await read_body(scope, receive, min(limit, MAX_BODY))
-
-        reply: ExtensionReply = await owner.handler(
-            ExtensionRequest(
-                method=scope["method"],
-                path=scope["path"],
-                id=route.id,
-                query=scope["query_string"],
-                read=read,
-            )
-        )
-        if reply.stream is not None:
-            raise AssertionError("extension streams are for the external port only")
-        return reply.status, (*owner.headers(route.id), *reply.headers), reply.body

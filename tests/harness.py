@@ -1,7 +1,9 @@
 """Test harness: a real mesh API on 127.0.0.1 (random ports) and clients for it.
 
 `start_mesh(nursery, **env)` runs `mesh_trio.serve` inside the test's nursery with the given
-`ASYA_*` settings on top of test defaults and returns a `MeshClient`. Plain requests go through
+`ASYA_*` settings on top of test defaults and returns a `MeshClient`. The HTTP listener is
+`MESH_TEST_HTTP` (`lean` or `hypercorn`) when set, else the configured default; a test module
+runs its tests on both with the `listener` fixture (tests/conftest.py). Plain requests go through
 h11 on fresh TCP connections; SSE streams are read from the raw byte stream, so tests can assert
 exact frame bytes.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +32,8 @@ TEST_ENV = {
     "ASYA_LOG_LEVEL": "warning",
     "ASYA_MESH_GRACEFUL_TIMEOUT": "2",
 }
+if os.environ.get("MESH_TEST_HTTP"):
+    TEST_ENV["ASYA_MESH_HTTP"] = os.environ["MESH_TEST_HTTP"]
 WAIT = 10.0  # bound on any single wait in a test
 
 
