@@ -18,6 +18,7 @@ from mesh_trio._bus import SINGLE_REPLICA, ProxyBroadcaster
 from mesh_trio._hub import Hub
 from mesh_trio.stateproxy import serve_state_proxy
 from tests.harness import WAIT, MeshClient, SseClient, start_mesh
+from tests.test_proxy_faults import Proxy
 
 pytestmark = pytest.mark.postgres
 
@@ -257,3 +258,17 @@ async def test_concurrent_fly_events_all_reach_the_local_and_remote_streams_in_o
         seqs = [int(str(e.id).split(".")[1]) for e in fly]
         assert seqs == sorted(seqs)
     assert bus_of(a).statistics().posted == 40
+
+
+async def test_a_fly_event_the_bus_cannot_take_is_a_503(
+    nursery: trio.Nursery, pg_url: str, short_dir: str
+) -> None:
+    proxy = Proxy(nursery, os.path.join(short_dir, "down.sock"), pg_url)
+    await proxy.start()
+    mesh = await start_mesh(nursery, ASYA_STATEPROXY_SOCKET=proxy.path)
+    envelope_id = await mesh.create()  # known live: a FLY event then needs only the bus
+    await accepted(await mesh.fly(envelope_id, {"n": 1}))
+    await proxy.stop()
+    reply = await mesh.fly(envelope_id, {"n": 2})
+    assert reply.status == 503 and "state proxy" in reply.json()["error"]
+    assert bus_of(mesh).statistics().posted == 1
