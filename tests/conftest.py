@@ -19,9 +19,10 @@ import psycopg
 import pytest
 import trio
 
+from mesh_trio._config import LISTENERS
 from mesh_trio._proxy_store import ProxyStore, open_proxy_store
 from mesh_trio.stateproxy import serve_state_proxy
-from tests.harness import MeshClient, start_mesh
+from tests.harness import TEST_ENV, MeshClient, start_mesh
 
 PG_URL = os.environ.get("MESH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -35,6 +36,14 @@ async def mesh(request: pytest.FixtureRequest, nursery: trio.Nursery, short_dir:
         await nursery.start(partial(serve_state_proxy, path, pg_url))
         return await start_mesh(nursery, ASYA_STATEPROXY_SOCKET=path)
     return await start_mesh(nursery)
+
+
+@pytest.fixture(params=LISTENERS)
+def listener(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every mesh the test starts uses this HTTP listener: a module whose behaviour depends on
+    the listener runs on each (`pytestmark = pytest.mark.usefixtures("listener")`)."""
+    monkeypatch.setitem(TEST_ENV, "ASYA_MESH_HTTP", request.param)
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

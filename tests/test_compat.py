@@ -21,6 +21,8 @@ from mesh_compat import FLY_LIMIT, snapshot_frame
 from mesh_trio.stateproxy import serve_state_proxy
 from tests.harness import WAIT, MeshClient, Reply, SseClient, http, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 COMPAT = {"ASYA_MESH_COMPAT": "1"}
 
 

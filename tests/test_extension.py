@@ -15,6 +15,8 @@ import trio
 from mesh_trio import Config, ConfigError
 from tests.harness import MeshClient, SseClient, http, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 SAMPLE = ("tests.sample_extension",)
 
 

@@ -23,6 +23,8 @@ from mesh_trio.transports import MemoryQueues
 from tests.amqp_helpers import RABBITMQ_URL, TcpProxy, open_admin, open_proxy, rabbit_env
 from tests.harness import MeshClient, Reply, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 QUEUE = "asya-default-worker"
 
 

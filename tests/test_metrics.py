@@ -20,6 +20,8 @@ from mesh_trio.stateproxy._settings import Settings, SettingsError
 from mesh_trio.transports import ActorNotFound, DispatchUnavailable
 from tests.harness import WAIT, MeshClient, http, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

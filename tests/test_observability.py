@@ -30,6 +30,8 @@ from mesh_trio.stateproxy._settings import SETTINGS as PROXY_SETTINGS
 
 from .harness import WAIT, MeshClient, http, make_config, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 MESH = [str(Path(sys.executable).with_name("asya-mesh-api"))]
 PROXY = [sys.executable, "-c", "from mesh_trio.stateproxy._cli import main; main()"]
 GIVEN = "client-id_42.x:y/z"

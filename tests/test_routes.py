@@ -12,6 +12,8 @@ import trio
 
 from tests.harness import MeshClient, http, start_mesh
 
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
+
 UNKNOWN = str(uuid.uuid4())
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 import trio
 
 from mesh_proto import encode_frame
 from tests.harness import WAIT, MeshClient, http, start_mesh
+
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
 
 
 async def test_headers_and_catch_up_frame(mesh: MeshClient) -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 
 from mesh_proto import Published, SseEvent
 from mesh_trio import Hub
 from tests.harness import MeshClient, SseClient, start_mesh
+
+pytestmark = pytest.mark.usefixtures("listener")  # the HTTP edge is under test: both listeners
 
 
 def event_id(event: SseEvent) -> tuple[int, int]:
