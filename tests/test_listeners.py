@@ -181,19 +181,19 @@ async def _pipelined(port: int, requests: list[tuple[str, str, bytes]]) -> list[
                 # The reader's own request, so it knows what each reply answers.
                 reader.send(h11.Request(method=method, target=target, headers=[("host", "x")]))
                 reader.send(h11.EndOfMessage())
-                status, headers, chunks = 0, {}, []
+                status, got, chunks = 0, {}, []
                 while True:
                     event = reader.next_event()
                     if event is h11.NEED_DATA:
                         reader.receive_data(await stream.receive_some(65536))
                     elif isinstance(event, h11.Response):
                         status = event.status_code
-                        headers = {k.decode(): v.decode() for k, v in event.headers}
+                        got = {k.decode(): v.decode() for k, v in event.headers}
                     elif isinstance(event, h11.Data):
                         chunks.append(bytes(event.data))
                     elif isinstance(event, h11.EndOfMessage):
                         break
-                replies.append(Reply(status, headers, b"".join(chunks)))
+                replies.append(Reply(status, got, b"".join(chunks)))
                 reader.start_next_cycle()
     return replies
 
