@@ -350,7 +350,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         env="ASYA_MESH_HTTP",
         field="http",
-        default="hypercorn",
+        default="lean",
         meaning=(
             "the HTTP listener: `lean` (our trio HTTP/1.1 server) or `hypercorn` "
             "(quart-trio on hypercorn)"
@@ -463,7 +463,7 @@ class Config:
     graceful_timeout: float = 5.0
     access_log: bool = False
     tracing: bool = False
-    http: str = "hypercorn"
+    http: str = "lean"
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0
     workers: int = 1
