@@ -1,4 +1,8 @@
-"""`serve()`: one trio process, two hypercorn listeners, and what they share.
+"""`serve()`: one trio process, two HTTP listeners, and what they share.
+
+The listeners are `ASYA_MESH_HTTP`'s: `lean` runs `serve_lean` on each port with its
+`MeshHandler`; `hypercorn` runs the quart app on the external port and the same internal
+`MeshHandler` behind an ASGI adapter on the internal one (docs/runtime.md).
 
 Ownership (structured concurrency): `serve()` opens the store, the dispatcher and the one
 `Broadcaster` (`open_broadcaster`: the in-process hub), and owns a nursery with both listeners
@@ -129,37 +133,24 @@ def _port(binds: list[str]) -> int:
     return int(binds[0].rsplit(":", 1)[1])
 
 
-def _startup_error(exc: BaseException, config: Config, variable: str, port: int) -> None:
-    """Raise the `StartupError` naming the setting behind a failure to listen, if it is one.
+def _open_listener(
+    config: Config, variable: str, sock: socket.socket | None
+) -> trio.SocketListener:
+    """The lean listener's socket: the supervisor's `sock`, else one bound to `config.host` and
+    the port `variable` sets, as a supervisor binds it (one socket for the host's first
+    address, like hypercorn's).
 
     Raises:
-        StartupError: the host does not resolve or the port cannot be bound (in use, not
-            allowed).
+        StartupError: the host does not resolve or the port cannot be bound, naming the setting.
     """
-    host = config.host
-    cause = root_cause(exc)
-    if isinstance(cause, socket.gaierror):
-        raise StartupError(f"ASYA_MESH_HOST={host!r}: {cause.strerror}") from cause
-    if isinstance(cause, OSError):
-        raise StartupError(
-            f"{variable}={port}: cannot listen on {host}:{port}: {cause.strerror}"
-        ) from cause
+    if sock is None:
+        from ._workers import listen  # _workers imports this module
 
-
-async def _open_listeners(
-    config: Config, variable: str, sock: socket.socket | None
-) -> list[trio.SocketListener]:
-    """The lean listener's sockets: the supervisor's `sock`, else bound to `config.host` and
-    the port `variable` sets (see `_startup_error`)."""
-    if sock is not None:
-        return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
-    port = config.internal_port if variable == "ASYA_MESH_INTERNAL_PORT" else config.external_port
-    try:
-        # The backlog hypercorn is given too: a burst of thousands of SSE connects.
-        return await trio.open_tcp_listeners(port, host=config.host, backlog=4096)
-    except OSError as exc:
-        _startup_error(exc, config, variable, port)
-        raise
+        port = (
+            config.internal_port if variable == "ASYA_MESH_INTERNAL_PORT" else config.external_port
+        )
+        sock = listen(config.host, port, variable)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def _start_lean(
@@ -171,13 +162,13 @@ async def _start_lean(
     sock: socket.socket | None,
 ) -> list[str]:
     """Start the lean listener of one port; returns its binds (as hypercorn names them)."""
-    listeners = await _open_listeners(config, variable, sock)
-    host, port = listeners[0].socket.getsockname()[:2]
+    listener = _open_listener(config, variable, sock)
+    host, port = listener.socket.getsockname()[:2]
     await nursery.start(
         partial(
             serve_lean,
             handler,
-            listeners,
+            [listener],
             max_body=MAX_BODY,
             keepalive_timeout=config.keepalive_timeout,
             header_timeout=config.header_timeout,
@@ -208,7 +199,13 @@ async def _start_listener(
     try:
         binds: list[str] = await nursery.start(listen, app, settings(host, port, sock=sock))
     except (OSError, BaseExceptionGroup) as exc:
-        _startup_error(exc, config, variable, port)
+        cause = root_cause(exc)
+        if isinstance(cause, socket.gaierror):
+            raise StartupError(f"ASYA_MESH_HOST={host!r}: {cause.strerror}") from cause
+        if isinstance(cause, OSError):
+            raise StartupError(
+                f"{variable}={port}: cannot listen on {host}:{port}: {cause.strerror}"
+            ) from cause
         raise
     return binds
 
