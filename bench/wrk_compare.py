@@ -132,7 +132,11 @@ def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Na
         "taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
         "--latency", "-s", f.name, f"http://127.0.0.1:{port}{path}",
     ]  # fmt: skip
-    before_server, before_wrk, started = cpu_seconds(server.pid), children_cpu(os.getpid()), time.monotonic()
+    before_server, before_wrk, started = (
+        cpu_seconds(server.pid),
+        children_cpu(os.getpid()),
+        time.monotonic(),
+    )
     out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 30)
     wall = time.monotonic() - started
     server_cpu = cpu_seconds(server.pid) - before_server
@@ -178,7 +182,9 @@ def main() -> None:
     with ExitStack() as stack:
         servers = {}
         for name in targets:
-            server = stack.enter_context(run.running(spec(name, args), run.RESULTS / f"wrk-{name}.log"))
+            server = stack.enter_context(
+                run.running(spec(name, args), run.RESULTS / f"wrk-{name}.log")
+            )
             servers[name] = (server, create_envelopes(server, 100))
             server.pause()
         for scenario in args.scenarios.split(","):
@@ -203,7 +209,10 @@ def main() -> None:
     }
     args.json.write_text(json.dumps({"runs": results, "medians": medians}, indent=1))
     base = targets[-1]
-    print(f"\n| scenario | target | req/s | per server CPU s | server CPU % | wrk CPU % | p99 ms | vs {base} (per CPU s) |")
+    print(
+        "\n| scenario | target | req/s | per server CPU s | server CPU % | wrk CPU % | p99 ms "
+        f"| vs {base} (per CPU s) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for scenario in args.scenarios.split(","):
         for name in targets:
@@ -211,9 +220,12 @@ def main() -> None:
             ratio = m["per_cpu_s"] / medians[base][scenario]["per_cpu_s"]
             print(
                 f"| {scenario} | {name} | {m['rps']:.0f} | {m['per_cpu_s']:.0f} | "
-                f"{m['server_cpu_pct']:.0f} | {m['wrk_cpu_pct']:.0f} | {m['p99_ms']:.1f} | {ratio:.2f} |"
+                f"{m['server_cpu_pct']:.0f} | {m['wrk_cpu_pct']:.0f} | {m['p99_ms']:.1f} "
+                f"| {ratio:.2f} |"
             )
-    bad = [(n, s) for n in targets for s, m in medians[n].items() if m["non2xx"] or m["socket_errors"]]
+    bad = [
+        (n, s) for n in targets for s, m in medians[n].items() if m["non2xx"] or m["socket_errors"]
+    ]
     if bad:
         print(f"WARNING: errors in {bad}")
 
