@@ -589,3 +589,13 @@ async def test_concurrent_publishers_of_one_key_are_watched_in_seq_order(
     seqs = [record["seq"] for record in await watcher.records(240, {key})]
     assert seqs == sorted(seqs) and len(set(seqs)) == 240
     assert [e["seq"] for e in (await replay(proxies[0], key, 0))[0]] == seqs[-240:]
+
+
+async def test_a_seq_not_handed_out_yet_is_a_gap(start_proxy: Start) -> None:
+    # A stream resuming from a made-up id must not take that seq as its position (it would
+    # drop every live event below it): the replay says gap, so the stream starts afresh.
+    path = await start_proxy()
+    key = unique("future")
+    (seq,) = await publish(path, "a", (key, {"n": 1}))
+    assert await replay(path, key, seq) == ([], False)
+    assert await replay(path, key, seq + 10**6) == ([], True)

@@ -120,7 +120,10 @@ _PUBLISH = (
 _REPLAY = (
     f"SELECT '{{\"events\":[' || coalesce((SELECT string_agg({_LINE}, ',' ORDER BY seq) "
     "FROM events WHERE key = $1 AND seq > $2::bigint), '') || '],\"gap\":' || "
-    "(EXISTS (SELECT 1 FROM event_trims WHERE key = $1 AND upto > $2::bigint))::text || '}'"
+    "(EXISTS (SELECT 1 FROM event_trims WHERE key = $1 AND upto > $2::bigint) "
+    # A seq no proxy has handed out yet (a made-up or foreign id) is a gap too: a stream that
+    # took it as its position would drop every live event below it.
+    f"OR $2::bigint > (SELECT last_value FROM {_SEQUENCE}))::text || '}}'"
 ).encode()
 _LINES = (
     f"SELECT {_LINE} FROM events "
