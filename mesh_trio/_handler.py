@@ -20,7 +20,6 @@ every constant header is encoded once.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable
 from time import perf_counter
 
@@ -42,7 +41,7 @@ from ._extension import ExtensionRequest, Extensions
 from ._lean import Reply, Request
 from ._mesh import Mesh
 from ._metrics import CONTENT_TYPE, NO_OP, is_metrics, route_label
-from ._observability import new_request_id, request_id
+from ._observability import request_id, request_id_in
 from ._web import is_openapi, last_event_id, run_operation
 
 log = logging.getLogger("mesh_trio.http")
@@ -95,7 +94,7 @@ class MeshHandler:
     async def __call__(self, request: Request, refused: ProtocolError | None = None) -> Reply:
         """Answer `request`; with `refused` (the body could not be read), answer that error."""
         started = perf_counter()
-        rid = self._request_id(request.headers)
+        rid = request_id_in(request.headers)
         request_id.set(rid)
         label: str | None
         try:
@@ -116,13 +115,6 @@ class MeshHandler:
         if log.isEnabledFor(logging.DEBUG):
             self._log(request, reply.status, started)
         return reply
-
-    @staticmethod
-    def _request_id(headers: Iterable[Header]) -> str:
-        for name, value in headers:
-            if name == _REQUEST_ID:
-                return new_request_id(value)
-        return uuid.uuid4().hex
 
     async def _respond(self, request: Request) -> tuple[str | None, Reply]:
         """The reply and the `op` label of its metrics (None: not counted)."""
