@@ -264,3 +264,17 @@ async def start_mesh(
         lambda task_status: serve(config, shutdown_trigger=trigger, task_status=task_status)
     )
     return MeshClient(bound, config.router.prefix)
+
+
+async def start_stoppable(
+    nursery: trio.Nursery, shutdown: trio.Event
+) -> tuple[MeshClient, trio.Event]:
+    """A mesh API that drains once `shutdown` is set, and an event set once `serve` returned."""
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[MeshClient]) -> None:
+        async with trio.open_nursery() as inner:
+            task_status.started(await start_mesh(inner, shutdown=shutdown))
+        stopped.set()
+
+    return await nursery.start(run), stopped

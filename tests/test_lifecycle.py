@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from mesh_trio import Config, ConfigError, parse_duration
-from tests.harness import MeshClient, http, start_mesh
+from tests.harness import MeshClient, http, start_mesh, start_stoppable
 
 
 async def test_backstop_fails_expired_envelopes(nursery: trio.Nursery) -> None:
@@ -82,14 +82,7 @@ async def test_demo_actors_drive_envelopes(nursery: trio.Nursery) -> None:
 
 async def test_shutdown_ends_open_streams_and_returns(nursery: trio.Nursery) -> None:
     shutdown = trio.Event()
-    stopped = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[MeshClient]) -> None:
-        async with trio.open_nursery() as inner:
-            task_status.started(await start_mesh(inner, shutdown=shutdown))
-        stopped.set()
-
-    mesh = await nursery.start(run)
+    mesh, stopped = await start_stoppable(nursery, shutdown)
     envelope_id = await mesh.create()
     streams = [await mesh.sse(envelope_id) for _ in range(3)]
     for stream in streams:

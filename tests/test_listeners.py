@@ -21,7 +21,7 @@ import trio
 
 from mesh_trio import Config, serve
 from mesh_trio._config import StartupError, root_cause
-from tests.harness import TEST_ENV, WAIT, MeshClient, Reply, http, start_mesh
+from tests.harness import TEST_ENV, WAIT, MeshClient, Reply, http, start_mesh, start_stoppable
 
 ORIGIN = "https://ui.example"
 RID = "req-42"
@@ -219,14 +219,7 @@ async def test_shutdown_ends_streams_then_drains_the_listeners(
     nursery: trio.Nursery, listener: str
 ) -> None:
     shutdown = trio.Event()
-    stopped = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[MeshClient]) -> None:
-        async with trio.open_nursery() as inner:
-            task_status.started(await start_mesh(inner, shutdown=shutdown))
-        stopped.set()
-
-    mesh = await nursery.start(run)
+    mesh, stopped = await start_stoppable(nursery, shutdown)
     envelope_id = await mesh.create()
     stream = await mesh.sse(envelope_id)
     await stream.wait_for(1)
