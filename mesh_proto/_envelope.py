@@ -2,7 +2,8 @@
 
 An `Envelope` is a frozen value. It has three shapes on the wire:
 
-- `to_json()`: what GET and list answer, `{"id", "status", "created_at", "updated_at", "data"}`;
+- `to_json()`: what GET and list answer, `{"id", "status", "created_at", "updated_at", "data"}`
+  (`encoded()`: the same as JSON bytes, encoded once);
 - `to_value()`: what the store keeps under `msg/{id}`, the data plus a top-level `status`;
 - `wire_message()`: the JSON body put on the actor's queue (docs/contract.md, "Queue message").
 
@@ -52,6 +53,8 @@ class Envelope:
     updated_at: datetime
     data: Mapping[str, Any]
     revision: int = 0
+    # `encoded()`'s bytes, made on first use: an envelope is a value, so its JSON never changes.
+    _encoded: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -134,6 +137,15 @@ class Envelope:
             "updated_at": format_time(self.updated_at),
             "data": dict(self.data),
         }
+
+    def encoded(self) -> bytes:
+        """`to_json()` as compact JSON bytes, encoded once per envelope (a store hands out the
+        same value until it changes, so a heartbeat GET or a catch-up re-encodes nothing)."""
+        encoded = self._encoded
+        if encoded is None:
+            encoded = dumps(self.to_json())
+            object.__setattr__(self, "_encoded", encoded)
+        return encoded
 
     def wire_message(self) -> bytes:
         """The queue message (docs/contract.md, "Queue message") for this (new) envelope."""

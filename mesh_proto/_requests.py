@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -39,6 +38,7 @@ TIMESTAMP_PATTERN: Final = (
     r"(Z|[+-][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)"
 )
 _TIMESTAMP: Final = re.compile(TIMESTAMP_PATTERN)
+_CANONICAL_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 FORBIDDEN_KEYS: Final = ("route", "route_next", "next")
@@ -72,13 +72,10 @@ def check_body_size(size: int) -> None:
 def parse_id(raw: str) -> str:
     """An envelope id from a path: a UUID in canonical form, else `NotFound`.
 
-    Ids are minted by the mesh API as UUID4s, so anything else cannot name an envelope.
+    Ids are minted by the mesh API as UUID4s, so anything else cannot name an envelope. The
+    canonical form (what `str(uuid.UUID(...))` gives) is lowercase hex in 8-4-4-4-12 groups.
     """
-    try:
-        parsed = uuid.UUID(raw)
-    except ValueError:
-        raise NotFound("envelope not found") from None
-    if str(parsed) != raw:
+    if _CANONICAL_ID.fullmatch(raw) is None:
         raise NotFound("envelope not found")
     return raw
 
@@ -266,6 +263,8 @@ def parse_wait(query: str | bytes) -> float:
     Raises:
         BadRequest: not a decimal number of seconds from 0 to `MAX_WAIT`.
     """
+    if not query:
+        return 0.0  # a sidecar's heartbeat: no query to parse
     raw = parse_query(query).get("wait")
     if raw is None:
         return 0.0

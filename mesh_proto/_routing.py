@@ -21,7 +21,7 @@ from typing import Final
 import attrs
 
 from ._errors import MethodNotAllowed, NotFound
-from ._requests import parse_id
+from ._requests import _CANONICAL_ID, parse_id
 
 # Any envelope id: where a route's path is needed without a particular envelope.
 _SAMPLE_ID: Final = "00000000-0000-4000-8000-000000000000"
@@ -95,6 +95,15 @@ def _specs(specs: Iterable[RouteSpec]) -> tuple[RouteSpec, ...]:
     return tuple(specs)
 
 
+def _shapes(specs: Iterable[RouteSpec]) -> dict[tuple[Role, str, str], enum.Enum]:
+    """`(role, method, what follows "/mesh/{id}")` of the prefixed `/mesh/{id}...` routes."""
+    return {
+        (spec.role, spec.method, spec.pattern.removeprefix("/mesh/{id}")): spec.op
+        for spec in specs
+        if not spec.bare and spec.pattern.startswith("/mesh/{id}")
+    }
+
+
 @attrs.frozen
 class Router:
     """Resolves requests for one prefix; build once, call `resolve` per request.
@@ -104,6 +113,11 @@ class Router:
 
     prefix: str = attrs.field(converter=normalize_prefix)
     extra: tuple[RouteSpec, ...] = attrs.field(default=(), kw_only=True, converter=_specs)
+    # The core's per-envelope routes by (role, method, pattern past the id), for `resolve`'s
+    # fast path; the table, not this, decides everything else.
+    _by_shape: dict[tuple[Role, str, str], enum.Enum] = attrs.field(
+        init=False, eq=False, repr=False, factory=lambda: _shapes(ROUTES)
+    )
 
     def resolve(self, role: Role, method: str, path: str) -> Route:
         """Resolve a request.
@@ -112,6 +126,14 @@ class Router:
             NotFound: no route of this port has this path (or the id is not an envelope id).
             MethodNotAllowed: the path is known, the method is not; carries `Allow`.
         """
+        # Fast path: `{prefix}/mesh/{id}[/...]` with a canonical id and a method its route
+        # has (the requests of the hot paths); whatever it does not find takes the table walk.
+        prefix = self.prefix
+        if path.startswith(prefix) and path.startswith("/mesh/", len(prefix)):
+            envelope_id, slash, rest = path[len(prefix) + 6 :].partition("/")
+            op = self._by_shape.get((role, method, slash + rest))
+            if op is not None and _CANONICAL_ID.fullmatch(envelope_id) is not None:
+                return Route(op=op, id=envelope_id)
         route = self._lookup(ROUTES, role, method, path, strict=False)
         if route is None and self.extra:
             route = self._lookup(self.extra, role, method, path, strict=True)

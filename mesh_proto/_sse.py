@@ -76,7 +76,7 @@ def encode_frame(event: str, data: Any, *, event_id: str | None = None) -> bytes
 
 def catch_up_frame(envelope: Envelope) -> bytes:
     """The first frame of a stream: the whole stored envelope as GET returns it."""
-    return encode_frame("status", envelope.to_json())
+    return b"event: status\ndata: " + envelope.encoded() + b"\n\n"
 
 
 @attrs.frozen(kw_only=True)

@@ -32,7 +32,6 @@ from mesh_proto import (
     Role,
     Route,
     dumps,
-    loads,
     openapi_document,
 )
 
@@ -134,6 +133,15 @@ class MeshHandler:
             return label, _NO_CONTENT
         if not isinstance(op, Op):
             return label, await self._extension(route, request)
+        if op is Op.CREATE:
+            envelope_id = await self.mesh.create(
+                request.query,
+                request.body,
+                traceparent=_text(request.header(b"traceparent")),
+                idempotency_key=_text(request.header(_IDEMPOTENCY)),
+            )
+            location = f"{self.router.prefix}/mesh/{envelope_id}".encode()
+            return label, Reply(201, (_JSON, (b"location", location)), dumps({"id": envelope_id}))
         if op is Op.STREAM:
             assert route.id is not None
             await self.mesh.get(route.id)  # a 404 before any byte of the stream
@@ -152,12 +160,7 @@ class MeshHandler:
             _text(request.header(b"traceparent")),
             _text(request.header(_IDEMPOTENCY)),
         )
-        headers: tuple[Header, ...] = (_JSON,) if payload else ()
-        if op is Op.CREATE and status == 201:
-            # Read back from the reply, so it names whatever id the create answered with.
-            location = f"{self.router.prefix}/mesh/{loads(payload)['id']}"
-            headers += ((b"location", location.encode()),)
-        return label, Reply(status, headers, payload)
+        return label, Reply(status, (_JSON,) if payload else (), payload)
 
     async def _extension(self, route: Route, request: Request) -> Reply:
         owner = self.routes.routes[route.op]

@@ -17,10 +17,11 @@ untraced path has no span calls at all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -52,8 +53,32 @@ _RECORD_FIELDS: Final = frozenset(
 )
 
 
+class _RequestIds:
+    """Fresh request ids: 32 hex digits, a random 64-bit prefix per process then a counter.
+
+    Unique across processes and replicas (the prefix) and within one (the counter), which is
+    all a correlation id needs; a uuid4 per request cost a `getrandom` system call and a UUID
+    object, a tenth of a small request's CPU. A forked child draws a prefix of its own.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+fresh_request_id = _RequestIds()
+
+
 def new_request_id(given: str | bytes | None = None) -> str:
-    """`given` if it is a sane token (1 to 128 visible ASCII characters), else a new uuid4 hex.
+    """`given` if it is a sane token (1 to 128 visible ASCII characters), else a fresh id
+    (`fresh_request_id`).
 
     A client's id is kept so a request can be followed across services; anything else
     (spaces, control characters, non-ASCII, too long) is replaced rather than logged.
@@ -62,7 +87,7 @@ def new_request_id(given: str | bytes | None = None) -> str:
         text = given.decode("latin-1") if isinstance(given, bytes) else given
         if len(text) <= MAX_REQUEST_ID and all("!" <= c <= "~" for c in text):
             return text
-    return uuid.uuid4().hex
+    return fresh_request_id()
 
 
 def request_id_in(headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -70,7 +95,7 @@ def request_id_in(headers: Iterable[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id":
             return new_request_id(value)
-    return uuid.uuid4().hex
+    return fresh_request_id()
 
 
 class RequestIdFilter(logging.Filter):

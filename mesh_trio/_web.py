@@ -78,7 +78,7 @@ async def run_operation(
         return 200, dumps({"status": "ready"})
     assert envelope_id is not None
     if op is Op.GET:
-        return 200, dumps((await mesh.wait(envelope_id, query)).to_json())
+        return 200, (await mesh.wait(envelope_id, query)).encoded()
     if op is Op.CANCEL:
         await mesh.cancel(envelope_id)
         return 204, b""

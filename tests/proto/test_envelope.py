@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import attrs
 import pytest
 
 from mesh_proto import (
@@ -107,6 +108,17 @@ def test_json_shapes() -> None:
         ID, stored.to_value(), created_at=STAMP, updated_at="2026-11-28T14:24:08.123456Z"
     )
     assert again == stored
+
+
+def test_encoded_is_the_json_shape_and_each_version_has_its_own() -> None:
+    stored = envelope(Status.RUNNING, {"actor": "echo", "x": "é"}, revision=1)
+    assert json.loads(stored.encoded()) == stored.to_json()
+    assert stored.encoded() == stored.encoded()
+    assert stored.encoded().isascii()
+    changed = attrs.evolve(stored, status=Status.SUCCEEDED, revision=2)
+    assert json.loads(changed.encoded())["status"] == "succeeded"
+    assert json.loads(stored.encoded())["status"] == "running"
+    assert changed != stored and attrs.evolve(stored) == stored
 
 
 def test_stored_status_and_revision_never_leak_into_data() -> None:

@@ -542,9 +542,13 @@ def test_list_query_matches_its_filters(query: ListQuery, matched: bool) -> None
         ("wait=1e1", 10.0),
         ("wait=1.5e-07", 1.5e-07),
         ("wait=.5", 0.5),
+        ("", 0.0),
+        (b"", 0.0),
+        ("x=1", 0.0),
+        (b"wait=2", 2.0),
     ],
 )
-def test_parse_wait_accepts(query: str, seconds: float) -> None:
+def test_parse_wait_accepts(query: str | bytes, seconds: float) -> None:
     assert parse_wait(query) == seconds
 
 
