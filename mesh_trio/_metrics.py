@@ -4,10 +4,15 @@ Each `serve()` makes its own `MeshMetrics` with its own registry (never promethe
 global one), so several servers in one process (the tests) count apart. Two kinds of figures:
 
 - Counted as things happen, kept cheap for the hot path: requests by port, operation and
-  status with a latency histogram (`request`: one dict lookup for the cached label children,
-  then an increment and an observation), envelopes created and ended and store latency
-  (`MeteredStore`, the `Store` that `serve()` hands to `Mesh`), dispatch latency and errors
-  (`dispatching`, around the one `send` of `Mesh.create`), backstop reaps.
+  status with a latency histogram (`request`: one dict lookup for the series, an int
+  incremented, a bucket found by `bisect` and its count incremented, the sum added to),
+  envelopes created and ended and store latency (`MeteredStore`, the `Store` that `serve()`
+  hands to `Mesh`), dispatch latency and errors (`dispatching`, around the one `send` of
+  `Mesh.create`). These are plain ints and floats, not prometheus-client metrics (whose
+  every `inc` and `observe` takes a lock and walks the buckets in Python; the server runs on
+  one thread), written out by a collector when scraped with the same names, help, labels,
+  buckets and `_created` samples prometheus-client would write. The rare ones (backstop
+  reaps, retention deletes) stay prometheus-client counters.
 - Read when scraped, at no cost per request: the broadcaster's `statistics()` (open SSE
   streams, frames published, delivered and dropped, resyncs) and, with the state-proxy store,
   its connection pool's and envelope cache's (custom collectors).
@@ -18,16 +23,28 @@ The names, labels and meanings are listed in docs/operations.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Iterator, Sequence
-from contextlib import contextmanager
+from bisect import bisect_left
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
+from itertools import accumulate
+from time import perf_counter
+from types import TracebackType
 from typing import TypeVar
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import metrics as client_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from mesh_proto import (
     OPENAPI_PATH,
@@ -156,59 +173,189 @@ def _proxy_pool(store: ProxyStore) -> Iterator[Metric]:
         yield CounterMetricFamily(f"asya_mesh_stateproxy_{name}", help_text, value=value)
 
 
+class _Count:
+    """One counter series, a plain int: the server runs on one thread (trio), so it needs none
+    of prometheus-client's locks."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()  # the `_created` sample, as prometheus-client writes it
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _Histogram:
+    """One histogram series: a count per bucket of `BUCKETS` (not cumulative; the last one is
+    +Inf) and the sum. The hot paths observe inline: `counts[bisect_left(BUCKETS, s)] += 1`
+    and `sum += s` (`bisect_left` finds the first bound >= s, as prometheus-client does)."""
+
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+# The `le` labels of the buckets, written as prometheus-client writes them.
+_LE = (*map(floatToGoString, BUCKETS), "+Inf")
+
+_Labels = tuple[str, ...]
+
+
+def _use_created() -> bool:
+    """Whether to write `_created` samples, as prometheus-client decides for its own metrics
+    (`PROMETHEUS_DISABLE_CREATED_SERIES`, `disable_created_metrics()`)."""
+    return bool(getattr(client_metrics, "_use_created", True))
+
+
+def _counter_family(
+    name: str, help_text: str, labels: _Labels, series: Mapping[_Labels, _Count], created: bool
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=labels)
+    for values, count in series.items():
+        family.add_metric(values, count.value, count.created if created else None)
+    return family
+
+
+def _histogram_family(
+    name: str, help_text: str, labels: _Labels, series: Mapping[_Labels, _Histogram], created: bool
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_text, labels=labels)
+    for values, histogram in series.items():
+        family.add_metric(
+            values, list(zip(_LE, accumulate(histogram.counts), strict=True)), histogram.sum
+        )
+        if created:
+            family.samples.append(
+                Sample(f"{name}_created", dict(zip(labels, values, strict=True)), histogram.created)
+            )
+    return family
+
+
+@attrs.define(eq=False)
+class _Counted(Collector):
+    """The metrics `MeshMetrics` counts as things happen, as metric families when scraped (the
+    same names, help, labels and samples a prometheus-client `Counter` or `Histogram` writes)."""
+
+    metrics: MeshMetrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        created = _use_created()
+        yield _counter_family(
+            "asya_mesh_requests",
+            "HTTP requests answered, by port, operation and status",
+            ("port", "op", "status"),
+            m._requests,
+            created,
+        )
+        yield _histogram_family(
+            "asya_mesh_request_duration_seconds",
+            "time to answer a request (to the response head, for SSE), by port and operation",
+            ("port", "op"),
+            m._request_seconds,
+            created,
+        )
+        yield _counter_family(
+            "asya_mesh_creates", "envelopes stored by a create", (), {(): m.creates}, created
+        )
+        yield _counter_family(
+            "asya_mesh_envelopes_ended",
+            "envelopes this process moved to a terminal status, by status",
+            ("status",),
+            m._ended,
+            created,
+        )
+        yield _histogram_family(
+            "asya_mesh_store_duration_seconds",
+            "time of one store call, by operation",
+            ("op",),
+            m._store_seconds,
+            created,
+        )
+        yield _counter_family(
+            "asya_mesh_store_errors",
+            "store calls that failed (store unavailable), by operation",
+            ("op",),
+            m._store_errors,
+            created,
+        )
+        yield _histogram_family(
+            "asya_mesh_dispatch_duration_seconds",
+            "time to hand a new envelope to its queue",
+            (),
+            {(): m.dispatch_seconds},
+            created,
+        )
+        yield _counter_family(
+            "asya_mesh_dispatch_errors",
+            "dispatches that failed, by reason (actor_not_found, unavailable)",
+            ("reason",),
+            m._dispatch_errors,
+            created,
+        )
+
+
+class _Dispatching:
+    """`MeshMetrics.dispatching()`: a plain context manager (a `@contextmanager` generator
+    costs several µs per create)."""
+
+    __slots__ = ("_metrics", "_started")
+
+    def __init__(self, metrics: MeshMetrics) -> None:
+        self._metrics = metrics
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = perf_counter()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        metrics = self._metrics
+        metrics.dispatch_seconds.observe(perf_counter() - self._started)
+        if kind is None:
+            return
+        if issubclass(kind, ActorNotFound):
+            metrics.dispatch_error("actor_not_found")
+        elif issubclass(kind, DispatchUnavailable):
+            metrics.dispatch_error("unavailable")
+
+
 class MeshMetrics:
-    """The metrics of one mesh API instance, in a registry of its own (`render` serves it)."""
+    """The metrics of one mesh API instance, in a registry of its own (`render` serves it).
+
+    The hot ones (requests, store calls, creates, terminal transitions, dispatches) are plain
+    ints and floats updated inline, read by the `_Counted` collector when scraped; the rare
+    ones (backstop, retention) are prometheus-client counters. A series appears in the
+    exposition from its first use, as a prometheus-client child does from its `labels()`.
+    """
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self.requests = Counter(
-            "asya_mesh_requests",
-            "HTTP requests answered, by port, operation and status",
-            ["port", "op", "status"],
-            registry=registry,
-        )
-        self.request_seconds = Histogram(
-            "asya_mesh_request_duration_seconds",
-            "time to answer a request (to the response head, for SSE), by port and operation",
-            ["port", "op"],
-            registry=registry,
-            buckets=BUCKETS,
-        )
-        self.creates = Counter(
-            "asya_mesh_creates", "envelopes stored by a create", registry=registry
-        )
-        self.envelopes_ended = Counter(
-            "asya_mesh_envelopes_ended",
-            "envelopes this process moved to a terminal status, by status",
-            ["status"],
-            registry=registry,
-        )
-        self.store_seconds = Histogram(
-            "asya_mesh_store_duration_seconds",
-            "time of one store call, by operation",
-            ["op"],
-            registry=registry,
-            buckets=BUCKETS,
-        )
-        self.store_errors = Counter(
-            "asya_mesh_store_errors",
-            "store calls that failed (store unavailable), by operation",
-            ["op"],
-            registry=registry,
-        )
-        self.dispatch_seconds = Histogram(
-            "asya_mesh_dispatch_duration_seconds",
-            "time to hand a new envelope to its queue",
-            registry=registry,
-            buckets=BUCKETS,
-        )
-        self.dispatch_errors = Counter(
-            "asya_mesh_dispatch_errors",
-            "dispatches that failed, by reason (actor_not_found, unavailable)",
-            ["reason"],
-            registry=registry,
-        )
+        # (port, op, status) -> the request counter of that series and the (port, op) histogram.
+        self._request_series: dict[tuple[str, str, int], tuple[_Count, _Histogram]] = {}
+        self._requests: dict[_Labels, _Count] = {}  # by (port, op, status as text)
+        self._request_seconds: dict[_Labels, _Histogram] = {}  # by (port, op)
+        self.creates = _Count()
+        self._ended: dict[_Labels, _Count] = {}  # by (status,)
+        self._store_seconds: dict[_Labels, _Histogram] = {}  # by (op,)
+        self._store_errors: dict[_Labels, _Count] = {}  # by (op,)
+        self.dispatch_seconds = _Histogram()
+        self._dispatch_errors: dict[_Labels, _Count] = {}  # by (reason,)
+        # Registered first, so the families come out in the order they always had.
+        registry.register(_Counted(self))
         self.backstop_expired = Counter(
             "asya_mesh_backstop_expired",
             "envelopes the deadline backstop failed",
@@ -237,31 +384,50 @@ class MeshMetrics:
 
     def request(self, port: str, op: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        key = (port, op, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(port, op, str(status)),
-                self.request_seconds.labels(port, op),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        series = self._request_series.get((port, op, status))
+        if series is None:
+            series = self._new_request_series(port, op, status)
+        series[0].value += 1
+        histogram = series[1]
+        histogram.counts[bisect_left(BUCKETS, seconds)] += 1
+        histogram.sum += seconds
 
-    @contextmanager
-    def dispatching(self) -> Iterator[None]:
+    def _new_request_series(self, port: str, op: str, status: int) -> tuple[_Count, _Histogram]:
+        count = self._requests.setdefault((port, op, str(status)), _Count())
+        histogram = self._request_seconds.get((port, op))
+        if histogram is None:
+            histogram = self._request_seconds[port, op] = _Histogram()
+        series = self._request_series[port, op, status] = (count, histogram)
+        return series
+
+    def store_series(self, op: str) -> tuple[_Histogram, _Count]:
+        """The latency histogram and the error counter of store calls `op` (both appear in the
+        exposition from the first call)."""
+        histogram = self._store_seconds.get((op,))
+        if histogram is None:
+            histogram = self._store_seconds[op,] = _Histogram()
+        errors = self._store_errors.get((op,))
+        if errors is None:
+            errors = self._store_errors[op,] = _Count()
+        return histogram, errors
+
+    def ended(self, status: Status) -> _Count:
+        """The counter of terminal transitions to `status`."""
+        count = self._ended.get((status.value,))
+        if count is None:
+            count = self._ended[status.value,] = _Count()
+        return count
+
+    def dispatch_error(self, reason: str) -> None:
+        """Count one failed dispatch."""
+        count = self._dispatch_errors.get((reason,))
+        if count is None:
+            count = self._dispatch_errors[reason,] = _Count()
+        count.value += 1
+
+    def dispatching(self) -> AbstractContextManager[None]:
         """Time the block (one dispatch) and count its `ActorNotFound` / `DispatchUnavailable`."""
-        started = time.perf_counter()
-        try:
-            yield
-        except ActorNotFound:
-            self.dispatch_errors.labels("actor_not_found").inc()
-            raise
-        except DispatchUnavailable:
-            self.dispatch_errors.labels("unavailable").inc()
-            raise
-        finally:
-            self.dispatch_seconds.observe(time.perf_counter() - started)
+        return _Dispatching(self)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`CONTENT_TYPE`)."""
@@ -275,30 +441,31 @@ class MeteredStore:
 
     inner: Store
     metrics: MeshMetrics
-    _ops: dict[str, tuple[Histogram, Counter]] = attrs.field(factory=dict)
-    _ended: dict[Status, Counter] = attrs.field(factory=dict)
+    _ops: dict[str, tuple[_Histogram, _Count]] = attrs.field(factory=dict)
+    _ended: dict[Status, _Count] = attrs.field(factory=dict)
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
-        children = self._ops.get(op)
-        if children is None:
-            metrics = self.metrics
-            children = (metrics.store_seconds.labels(op), metrics.store_errors.labels(op))
-            self._ops[op] = children
-        started = time.perf_counter()
+        series = self._ops.get(op)
+        if series is None:
+            series = self._ops[op] = self.metrics.store_series(op)
+        started = perf_counter()
         try:
             return await call
         except ServiceError:
-            children[1].inc()
+            series[1].value += 1
             raise
         finally:
-            children[0].observe(time.perf_counter() - started)
+            seconds = perf_counter() - started
+            histogram = series[0]
+            histogram.counts[bisect_left(BUCKETS, seconds)] += 1
+            histogram.sum += seconds
 
     async def ping(self) -> None:
         await self._timed("ping", self.inner.ping())
 
     async def create(self, envelope: Envelope) -> None:
         await self._timed("create", self.inner.create(envelope))
-        self.metrics.creates.inc()
+        self.metrics.creates.value += 1
 
     async def get(self, envelope_id: str) -> Envelope | None:
         return await self._timed("get", self.inner.get(envelope_id))
@@ -309,8 +476,8 @@ class MeteredStore:
             status = outcome.envelope.status
             counter = self._ended.get(status)
             if counter is None:
-                counter = self._ended[status] = self.metrics.envelopes_ended.labels(status.value)
-            counter.inc()
+                counter = self._ended[status] = self.metrics.ended(status)
+            counter.value += 1
         return outcome
 
     async def delete(self, envelope_id: str) -> bool:

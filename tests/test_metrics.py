@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_proto import ServiceError
-from mesh_trio._metrics import MeshMetrics, MeteredStore
+from mesh_proto import CreateRequest, Envelope, ServiceError, Status, StatusEvent
+from mesh_trio import MemoryStore
+from mesh_trio._metrics import BUCKETS, MeshMetrics, MeteredStore
 from mesh_trio._proxy_store import open_proxy_store
 from mesh_trio.stateproxy import serve_state_proxy
 from mesh_trio.stateproxy._errors import StartupError
@@ -129,6 +140,160 @@ def test_dispatch_failures_are_counted_by_reason() -> None:
     assert value(samples, "asya_mesh_dispatch_errors_total", reason="actor_not_found") == 1
     assert value(samples, "asya_mesh_dispatch_errors_total", reason="unavailable") == 1
     assert value(samples, "asya_mesh_dispatch_duration_seconds_count") == 3
+
+
+def test_dispatch_counts_other_exceptions_only_in_its_duration() -> None:
+    metrics = MeshMetrics()
+    with pytest.raises(KeyError), metrics.dispatching():
+        raise KeyError("not a dispatch error")
+    samples = parse(metrics.render())
+    assert value(samples, "asya_mesh_dispatch_duration_seconds_count") == 1
+    assert not [key for key in samples if key[0] == "asya_mesh_dispatch_errors_total"]
+
+
+# Durations that land on either side of bucket bounds, on a bound itself (a bound is the
+# largest value of its bucket), below the first and above the last.
+DURATIONS = (0.0, 0.0001, 0.0005, 0.00051, 0.001, 0.003, 0.3, 1.0, 7.0, 10.0, 11.0, 100.0)
+
+
+def test_request_counts_and_buckets_after_known_durations() -> None:
+    metrics = MeshMetrics()
+    for seconds in DURATIONS:
+        metrics.request("internal", "publish", 204, seconds)
+    for _ in range(3):
+        metrics.request("internal", "publish", 409, 0.002)
+    samples = parse(metrics.render())
+    requests = "asya_mesh_requests_total"
+    assert value(samples, requests, port="internal", op="publish", status="204") == 12
+    assert value(samples, requests, port="internal", op="publish", status="409") == 3
+    name = "asya_mesh_request_duration_seconds"
+    labels = {"port": "internal", "op": "publish"}
+    # Cumulative: how many of the 15 took at most `le` seconds.
+    expected = {
+        "0.0005": 3, "0.001": 5, "0.0025": 8, "0.005": 9, "0.01": 9, "0.025": 9, "0.05": 9,
+        "0.1": 9, "0.25": 9, "0.5": 10, "1.0": 11, "2.5": 11, "5.0": 11, "10.0": 13, "+Inf": 15,
+    }  # fmt: skip
+    buckets = {le: value(samples, f"{name}_bucket", le=le, **labels) for le in expected}
+    assert buckets == expected
+    assert value(samples, f"{name}_count", **labels) == 15
+    assert value(samples, f"{name}_sum", **labels) == pytest.approx(sum(DURATIONS) + 3 * 0.002)
+
+
+def test_the_exposition_is_what_prometheus_client_writes() -> None:
+    """The hot-path metrics are counted in plain Python and written by a collector: a scraper
+    sees the families, help, types, samples and values of prometheus-client's own `Counter`
+    and `Histogram` given the same observations."""
+    reference = CollectorRegistry()
+    requests = Counter(
+        "asya_mesh_requests",
+        "HTTP requests answered, by port, operation and status",
+        ["port", "op", "status"],
+        registry=reference,
+    )
+    request_seconds = Histogram(
+        "asya_mesh_request_duration_seconds",
+        "time to answer a request (to the response head, for SSE), by port and operation",
+        ["port", "op"],
+        registry=reference,
+        buckets=BUCKETS,
+    )
+    metrics = MeshMetrics()
+    for port, op, status in (
+        ("internal", "publish", 204),
+        ("external", "get", 200),
+        ("external", "get", 404),
+        ("external", "none", 404),
+    ):
+        for seconds in DURATIONS:
+            metrics.request(port, op, status, seconds)
+            requests.labels(port, op, str(status)).inc()
+            request_seconds.labels(port, op).observe(seconds)
+    ours = families(metrics.render())
+    theirs = families(generate_latest(reference))
+    for name, family in theirs.items():
+        assert ours[name] == family, name
+    # Every hot-path family is there before anything is counted, labelled ones without samples.
+    fresh = families(MeshMetrics().render())
+    assert fresh["asya_mesh_requests"] == ("counter", requests._documentation, [])
+    assert fresh["asya_mesh_store_errors"][2] == []
+    assert fresh["asya_mesh_envelopes_ended"][2] == []
+    assert fresh["asya_mesh_dispatch_errors"][2] == []
+    assert value(parse(MeshMetrics().render()), "asya_mesh_creates_total") == 0
+    empty = [s for s in fresh["asya_mesh_dispatch_duration_seconds"][2] if s[1] != 0]
+    assert empty == [], "an unlabelled histogram is written with zero counts"
+
+
+def families(text: bytes) -> dict[str, tuple[str, str, list[tuple[str, float, tuple[Any, ...]]]]]:
+    """Each family's type, help and samples, `_created` samples left out (a start time)."""
+    return {
+        family.name: (
+            family.type,
+            family.documentation,
+            [
+                (sample.name, sample.value, tuple(sorted(sample.labels.items())))
+                for sample in family.samples
+                if not sample.name.endswith("_created")
+            ],
+        )
+        for family in text_string_to_metric_families(text.decode())
+        if not family.name.endswith("_created")
+    }
+
+
+def test_each_series_has_a_created_sample_unless_disabled() -> None:
+    metrics = MeshMetrics()
+    metrics.request("external", "get", 200, 0.001)
+    with metrics.dispatching():
+        pass
+    samples = parse(metrics.render())
+    created = {key for key in samples if key[0].endswith("_created")}
+    labels = frozenset({("port", "external"), ("op", "get")})
+    assert ("asya_mesh_requests_created", labels | {("status", "200")}) in created
+    assert ("asya_mesh_request_duration_seconds_created", labels) in created
+    assert ("asya_mesh_creates_created", frozenset()) in created
+    assert ("asya_mesh_dispatch_duration_seconds_created", frozenset()) in created
+    assert ("asya_mesh_backstop_expired_created", frozenset()) in created
+    disable_created_metrics()
+    try:
+        samples = parse(metrics.render())
+    finally:
+        enable_created_metrics()
+    assert not [key for key in samples if key[0].endswith("_created")]
+
+
+async def test_the_store_counts_creates_and_terminal_transitions() -> None:
+    metrics = MeshMetrics()
+    store = MeteredStore(MemoryStore(), metrics)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    envelopes = [
+        Envelope.new(
+            CreateRequest(actor="worker"), envelope_id=f"{n:036d}", now=now, gateway_url="http://gw"
+        )
+        for n in range(3)
+    ]
+    for envelope in envelopes:
+        await store.create(envelope)
+    await store.get(envelopes[0].id)
+    await store.get("absent")
+    samples = parse(metrics.render())
+    assert value(samples, "asya_mesh_creates_total") == 3
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="create") == 3
+    assert value(samples, "asya_mesh_store_duration_seconds_bucket", op="get", le="+Inf") == 2
+    # A series appears from its operation's first call, its errors at 0 from then.
+    assert ("asya_mesh_store_errors_total", frozenset({("op", "get")})) in samples
+    assert not [key for key in samples if ("op", "update") in key[1]]
+    assert not [key for key in samples if key[0] == "asya_mesh_envelopes_ended_total"]
+
+    for envelope, status in zip(
+        envelopes, (Status.SUCCEEDED, Status.SUCCEEDED, Status.FAILED), strict=True
+    ):
+        await store.update(envelope.id, StatusEvent(status=Status.RUNNING), now)
+        await store.update(envelope.id, StatusEvent(status=status), now)
+    await store.update(envelopes[0].id, StatusEvent(status=Status.FAILED), now)  # ignored
+    samples = parse(metrics.render())
+    assert value(samples, "asya_mesh_envelopes_ended_total", status="succeeded") == 2
+    assert value(samples, "asya_mesh_envelopes_ended_total", status="failed") == 1
+    assert value(samples, "asya_mesh_store_duration_seconds_count", op="update") == 7
 
 
 async def test_store_failures_are_counted_by_operation(short_dir: str) -> None:
