@@ -154,8 +154,10 @@ class Envelope:
             "actor": self.data.get("actor"),
             "attempt": 1,
             "max_attempts": 1,
-            "created_at": format_time(self.created_at),
-            "updated_at": format_time(self.updated_at),
+            "created_at": (created := format_time(self.created_at)),
+            "updated_at": (
+                created if self.updated_at == self.created_at else format_time(self.updated_at)
+            ),
         }
         if "deadline_at" in self.data:
             status["deadline_at"] = self.data["deadline_at"]
