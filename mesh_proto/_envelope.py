@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from ._errors import StoreProtocolError
-from ._json import dumps
+from ._json import dumps, dumps_text, quote
 from ._status import TERMINAL, Status
 from ._time import format_time, parse_time
 
@@ -148,25 +148,25 @@ class Envelope:
         return encoded
 
     def wire_message(self) -> bytes:
-        """The queue message (docs/contract.md, "Queue message") for this (new) envelope."""
-        status: dict[str, Any] = {
-            "phase": "pending",
-            "actor": self.data.get("actor"),
-            "attempt": 1,
-            "max_attempts": 1,
-            "created_at": (created := format_time(self.created_at)),
-            "updated_at": (
-                created if self.updated_at == self.created_at else format_time(self.updated_at)
-            ),
-        }
-        if "deadline_at" in self.data:
-            status["deadline_at"] = self.data["deadline_at"]
-        return dumps(
-            {
-                "id": self.id,
-                "route": {"prev": [], "curr": self.data.get("actor"), "next": []},
-                "headers": self.data.get("headers", {}),
-                "payload": self.data.get("payload"),
-                "status": status,
-            }
+        """The queue message (docs/contract.md, "Queue message") for this (new) envelope.
+
+        Assembled from the JSON of its pieces, so that only the payload and headers go through
+        the encoder (about half the cost of encoding the whole message as one dict); the same
+        bytes as `dumps` of that dict.
+        """
+        data = self.data
+        actor = data.get("actor")
+        actor_json = quote(actor) if isinstance(actor, str) else dumps_text(actor)
+        created = format_time(self.created_at)
+        updated = created if self.updated_at == self.created_at else format_time(self.updated_at)
+        headers = data.get("headers", {})
+        deadline = (
+            f',"deadline_at":{dumps_text(data["deadline_at"])}' if "deadline_at" in data else ""
         )
+        return (
+            f'{{"id":{quote(self.id)},"route":{{"prev":[],"curr":{actor_json},"next":[]}},'
+            f'"headers":{"{}" if headers == {} else dumps_text(headers)},'
+            f'"payload":{dumps_text(data.get("payload"))},'
+            f'"status":{{"phase":"pending","actor":{actor_json},"attempt":1,"max_attempts":1,'
+            f'"created_at":{quote(created)},"updated_at":{quote(updated)}{deadline}}}}}'
+        ).encode()

@@ -46,6 +46,10 @@ def _finite(text: str) -> float:
 # Made once: `json.dumps` / `json.loads` with any option build a new encoder or decoder per call,
 # a few microseconds of every request.
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+# JSON text (a `str`) of any value, and of one string (quoted and escaped, in C), for callers that
+# assemble a document from pieces.
+dumps_text: Final = _ENCODE
+quote: Final[Any] = json.encoder.encode_basestring_ascii
 _DECODE: Final = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite).decode
 
 

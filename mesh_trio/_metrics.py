@@ -64,7 +64,7 @@ from mesh_proto import (
 
 from ._broadcast import Broadcaster
 from ._proxy_store import ProxyStore
-from ._store import Store
+from ._store import Store, never_waits
 from .transports import ActorNotFound, DispatchUnavailable
 
 __all__ = [
@@ -443,6 +443,10 @@ class MeteredStore:
     metrics: MeshMetrics
     _ops: dict[str, tuple[_Histogram, _Count]] = attrs.field(factory=dict)
     _ended: dict[Status, _Count] = attrs.field(factory=dict)
+
+    @property
+    def never_waits(self) -> bool:
+        return never_waits(self.inner)
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
         series = self._ops.get(op)

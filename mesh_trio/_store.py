@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import attrs
 
@@ -77,6 +77,13 @@ class Store(Protocol):
         """Forget the claim at `key` (nothing if there is none)."""
 
 
+def never_waits(component: object) -> bool:
+    """Whether a store or dispatcher declares (`never_waits = True`) that none of its calls
+    suspends: the embedded ones, which work in this process and cannot be cancelled midway.
+    """
+    return getattr(component, "never_waits", False) is True
+
+
 # At most this many expired claims are dropped by each new claim (a bound on its cost; more
 # than one, so that they go faster than they come).
 _CLAIMS_DROPPED = 8
@@ -104,6 +111,8 @@ class MemoryStore:
         factory=lambda: {status: [] for status in Status}
     )
     _ended: list[tuple[datetime, str]] = attrs.field(factory=list)
+    # No call ever suspends (`never_waits`).
+    never_waits: ClassVar[bool] = True
 
     async def ping(self) -> None:
         return None

@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh_proto import (
     GATEWAY_HEADER,
@@ -177,6 +179,49 @@ def test_wire_message_without_deadline() -> None:
         "created_at": STAMP,
         "updated_at": STAMP,
     }
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    actor=st.text() | st.none(),
+    payload=JSON_VALUES,
+    headers=st.dictionaries(st.text(), st.text(), max_size=3),
+    deadline=st.none() | st.text(),
+    later_by=st.sampled_from([0, 1]),
+)
+def test_wire_message_is_the_messages_json(
+    actor: str | None, payload: Any, headers: dict[str, str], deadline: str | None, later_by: int
+) -> None:
+    # Assembled from pieces, it must be byte for byte what encoding the whole message gives.
+    data: dict[str, Any] = {"actor": actor, "payload": payload, "headers": headers}
+    if deadline is not None:
+        data["deadline_at"] = deadline
+    updated = T0 + timedelta(seconds=later_by)
+    new = Envelope(id=ID, status=Status.PENDING, created_at=T0, updated_at=updated, data=data)
+    status: dict[str, Any] = {
+        "phase": "pending",
+        "actor": actor,
+        "attempt": 1,
+        "max_attempts": 1,
+        "created_at": format_time(T0),
+        "updated_at": format_time(updated),
+    }
+    if deadline is not None:
+        status["deadline_at"] = deadline
+    whole = {
+        "id": ID,
+        "route": {"prev": [], "curr": actor, "next": []},
+        "headers": headers,
+        "payload": payload,
+        "status": status,
+    }
+    assert new.wire_message() == dumps(whole)
 
 
 @pytest.mark.parametrize(
