@@ -350,14 +350,13 @@ def parse_event(body: bytes) -> StatusEvent | FlyEvent:
     return StatusEvent(status=status, data=_with_progress(data))
 
 
+_EVENT_STATUSES: Final[dict[str, Status]] = {**{s.value: s for s in Status}, **ALIASES}
+
+
 def _event_status(raw: Any) -> Status:
-    if isinstance(raw, str):
-        if raw in ALIASES:
-            return ALIASES[raw]
-        try:
-            return Status(raw)
-        except ValueError:
-            pass
+    status = _EVENT_STATUSES.get(raw) if isinstance(raw, str) else None
+    if status is not None:
+        return status
     names = [s.value for s in Status] + list(ALIASES)
     raise BadRequest("status must be one of " + ", ".join(names))
 

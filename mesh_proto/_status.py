@@ -151,11 +151,12 @@ def apply_event(envelope: Envelope, event: StatusEvent, now: datetime) -> Outcom
         stored, incoming = envelope.data.get(key), delta[key]
         if _number(stored) and _number(incoming) and stored > incoming:
             delta[key] = stored
-    updated = attrs.evolve(
-        envelope,
+    updated = type(envelope)(  # not attrs.evolve: a third of this function's time
+        id=envelope.id,
         status=event.status,
-        data={**envelope.data, **delta},
+        created_at=envelope.created_at,
         updated_at=max(now, envelope.updated_at + _TICK),
+        data={**envelope.data, **delta},
         revision=envelope.revision + 1,
     )
     return Applied(rule=rule, envelope=updated, event=StatusEvent(status=event.status, data=delta))

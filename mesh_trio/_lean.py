@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -155,6 +156,75 @@ class _Refused(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
+# Read readiness
+
+
+# Without epoll (not Linux), connections wait with trio's `wait_readable`.
+EPOLL = hasattr(select, "epoll")
+_HANGUP: Final = (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if EPOLL else 0
+
+
+class _Readiness:
+    """Which connections have bytes to read, from one edge-triggered epoll set of our own.
+
+    Trio's `wait_readable` arms a one-shot registration in trio's epoll each time a task waits
+    (an `epoll_ctl` call and a few objects): once per request on a keep-alive connection. Here a
+    socket is registered once, for its lifetime, and one task (`run`) waits on the whole set and
+    wakes the connections that have something: each request then costs only its `recv` and
+    `send`. A connection is `readable` from an edge until a read that did not fill the buffer
+    (the socket had no more then; any byte arriving later is a new edge), or for good once the
+    client has closed or reset (the end came with the last bytes, and no edge follows it).
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if EPOLL else None
+        self._connections: dict[int, _Connection] = {}
+
+    @property
+    def own(self) -> bool:
+        """Whether connections wait here (else with trio's `wait_readable`)."""
+        return self._epoll is not None
+
+    def add(self, connection: _Connection) -> None:
+        if self._epoll is None:
+            return
+        fd = connection.sock.fileno()
+        self._connections[fd] = connection
+        # Registered with bytes already waiting, the socket reports an edge at once.
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+
+    def discard(self, connection: _Connection) -> None:
+        fd = connection.sock.fileno()
+        if self._epoll is not None and self._connections.get(fd) is connection:
+            del self._connections[fd]
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    async def run(self) -> None:
+        """Wake connections as their sockets turn readable, until cancelled."""
+        epoll, connections = self._epoll, self._connections
+        if epoll is None:
+            return
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, flags in epoll.poll(0):
+                connection = connections.get(fd)
+                if connection is not None:
+                    connection.readable = True
+                    if flags & _HANGUP:
+                        connection.hangup = True
+                    task = connection.reader
+                    if task is not None:
+                        connection.reader = None
+                        trio.lowlevel.reschedule(task)
+
+    def close(self) -> None:
+        """Once `run` and every connection are done."""
+        if self._epoll is not None:
+            self._epoll.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # One connection
 
 
@@ -170,6 +240,7 @@ class _Server:
     stats: ListenerStats
     connections: set[_Connection] = attrs.field(factory=set)
     draining: bool = False
+    readiness: _Readiness = attrs.field(factory=_Readiness)
 
     def drain(self) -> None:
         """From now on every reply closes its connection; connections waiting idle close now."""
@@ -199,6 +270,7 @@ class _Server:
         sock.setblocking(False)
         connection = _Connection(self, sock)
         self.connections.add(connection)
+        self.readiness.add(connection)
         self.stats.connections += 1
         self.stats.open_connections += 1
         try:
@@ -209,6 +281,7 @@ class _Server:
             log.exception("lean listener: connection failed")
         finally:
             self.connections.discard(connection)
+            self.readiness.discard(connection)
             self.stats.open_connections -= 1
             trio.lowlevel.notify_closing(sock)
             sock.close()
@@ -230,6 +303,10 @@ class _Connection:
         self.deadline = math.inf
         self.expired = False
         self.scope = trio.CancelScope()
+        # Read readiness (`_Readiness`): bytes may be waiting; the task parked until they are.
+        self.readable = False
+        self.hangup = False
+        self.reader: trio.lowlevel.Task | None = None
         # The message being parsed.
         self.in_message = False
         self.message_deadline = math.inf
@@ -338,7 +415,7 @@ class _Connection:
             else:
                 self.deadline = idle_deadline
                 self.idle = True
-            await trio.lowlevel.wait_readable(sock)
+            await self._wait_readable()
             self.deadline = math.inf
             self.idle = False
             if self.scope.cancel_called:
@@ -346,7 +423,10 @@ class _Connection:
             try:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
+                self.readable = False
                 continue
+            if len(data) < RECEIVE_SIZE:
+                self.readable = self.hangup
             if not data:
                 raise ConnectionResetError  # the client closed: nothing left to answer
             upgrade = False
@@ -401,13 +481,32 @@ class _Connection:
             with contextlib.suppress(BlockingIOError):
                 view = view[sock.send(view) :]
 
+    async def _wait_readable(self) -> None:
+        """Return (a checkpoint) once the socket may have bytes to read (`_Readiness`)."""
+        if self.readable:
+            await trio.lowlevel.checkpoint()
+            return
+        if not self.server.readiness.own:
+            await trio.lowlevel.wait_readable(self.sock)
+            return
+        self.reader = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self.reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     async def _receive(self) -> bytes:
         while True:
-            await trio.lowlevel.wait_readable(self.sock)
+            await self._wait_readable()
             try:
-                return self.sock.recv(RECEIVE_SIZE)
+                data = self.sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
-                pass
+                self.readable = False
+                continue
+            if len(data) < RECEIVE_SIZE:
+                self.readable = self.hangup
+            return data
 
     async def _handle_ready(self, out: list[bytes]) -> bool:
         """Handle the parsed requests in order, their replies appended to `out`; False once
@@ -630,8 +729,22 @@ async def serve_lean(
         max_requests,
         stats if stats is not None else ListenerStats(),
     )
+    try:
+        await _serve_lean(server, listeners, graceful_timeout, shutdown_trigger, task_status)
+    finally:
+        server.readiness.close()
+
+
+async def _serve_lean(
+    server: _Server,
+    listeners: Sequence[trio.SocketListener],
+    graceful_timeout: float,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
     async with trio.open_nursery() as timers:
         timers.start_soon(server.reap)
+        timers.start_soon(server.readiness.run)
         async with trio.open_nursery() as connections:
             try:
                 async with trio.open_nursery() as accepting:

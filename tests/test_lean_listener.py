@@ -10,8 +10,17 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from mesh_trio import _lean
 from mesh_trio._lean import MAX_HEAD, Reply, Request
 from tests.lean_helpers import WAIT, Client, Malformed, request, running, until
+
+
+@pytest.fixture(autouse=True, params=["epoll", "trio"])
+def readiness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: connections waiting on the listener's own epoll set, and (as where
+    there is no epoll) on trio's `wait_readable`."""
+    if request.param == "trio":
+        monkeypatch.setattr(_lean, "EPOLL", False)
 
 
 async def test_keep_alive_serves_requests_on_one_connection() -> None:
