@@ -79,28 +79,51 @@ def catch_up_frame(envelope: Envelope) -> bytes:
     return b"event: status\ndata: " + envelope.encoded() + b"\n\n"
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, eq=False)
 class Published:
     """An event as the hub fans it out: the frame bytes, encoded once for all subscribers.
 
     `version` is the envelope's revision after a status event (None for FLY) and `rank` the
     rank of its status, which is how a stream tells whether its snapshot already holds the
     event (a status event built without a rank is ordered by `terminal` and `version`).
+
+    Built by `status` or `fly`, the frame is encoded on first use: most status events have no
+    subscriber and are never framed, a FLY event only when it is delivered or replayed.
     """
 
-    frame: bytes
+    _frame: bytes | None = attrs.field(default=None, alias="frame")
     terminal: bool = False
     version: int | None = None
     rank: int | None = None
     # The event's sequence number for stream ids and resume (given by the broadcaster, or by
     # the store that published it with its write); None until then.
     seq: int | None = None
+    # What `frame` encodes when it was not given: the event name and its data.
+    _source: tuple[str, Any] | None = attrs.field(default=None, alias="source", repr=False)
 
     # The last `framed` result (rev, seq, bytes), shared by the subscribers at that id: a cache,
     # no part of the value (set with object.__setattr__, so building a Published costs nothing).
-    _framed: tuple[int, int, bytes] | None = attrs.field(
-        default=None, eq=False, repr=False, init=False
-    )
+    _framed: tuple[int, int, bytes] | None = attrs.field(default=None, repr=False, init=False)
+
+    @property
+    def frame(self) -> bytes:
+        frame = self._frame
+        if frame is None:
+            assert self._source is not None, "a Published needs a frame or a source"
+            frame = encode_frame(*self._source)
+            object.__setattr__(self, "_frame", frame)
+        return frame
+
+    def _key(self) -> tuple[bytes, bool, int | None, int | None, int | None]:
+        return (self.frame, self.terminal, self.version, self.rank, self.seq)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Published):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def is_fly(self) -> bool:
@@ -118,25 +141,29 @@ class Published:
     def with_seq(self, seq: int) -> Published:
         """This event with its seq (the broadcaster gives it at publish)."""
         return Published(
-            frame=self.frame, terminal=self.terminal, version=self.version, rank=self.rank, seq=seq
+            frame=self._frame,
+            terminal=self.terminal,
+            version=self.version,
+            rank=self.rank,
+            seq=seq,
+            source=self._source,
         )
 
     @classmethod
     def status(cls, applied: Applied) -> Published:
         """The live frame of a stored status change: the event data with `status` set."""
-        data = {**applied.event.data, "status": str(applied.event.status)}
         return cls(
-            frame=encode_frame("status", data),
             terminal=applied.terminal,
             version=applied.envelope.revision,
             rank=RANK[applied.envelope.status],
             seq=applied.seq,
+            source=("status", {**applied.event.data, "status": str(applied.event.status)}),
         )
 
     @classmethod
     def fly(cls, data: Any) -> Published:
         """The frame of a FLY event: the posted data as is."""
-        return cls(frame=encode_frame("fly", data))
+        return cls(source=("fly", data))
 
 
 def id_line(rev: int, seq: int) -> bytes:

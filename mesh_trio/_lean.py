@@ -329,20 +329,21 @@ class _Connection:
         self.body_size = 0
         self.expect_continue = False
 
+    # (The head's size is counted inline: these run for every header of every request.)
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-        self._count_head(len(name) + len(value) + 4)
-        if len(self.headers) > MAX_HEADERS:
-            self._refuse(431, "too many request headers")
-
-    def _count_head(self, size: int) -> None:
-        self.head_size += size
+        self.head_size += len(url)
         if self.head_size > MAX_HEAD:
             self._refuse(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        headers.append((name.lower(), value))
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            self._refuse(431, "request head too large")
+        if len(headers) > MAX_HEADERS:
+            self._refuse(431, "too many request headers")
 
     def _refuse(self, status: int, message: str) -> None:
         self.refused = _Refused(status, message)

@@ -102,6 +102,15 @@ def test_published_fly_is_the_posted_data(data: Any, frame: bytes) -> None:
     assert published.is_fly
 
 
+def test_published_is_a_value_whether_its_frame_was_given_or_encoded() -> None:
+    given = Published(frame=b'event: fly\ndata: {"token":"hi"}\n\n', seq=3)
+    encoded = Published.fly({"token": "hi"}).with_seq(3)
+    assert encoded == given and hash(encoded) == hash(given)
+    assert encoded != Published.fly({"token": "hi"}).with_seq(4)
+    assert encoded != given.frame
+    assert len({given, encoded}) == 1
+
+
 # --- the stream state machine -------------------------------------------------------------
 
 
