@@ -19,7 +19,7 @@ Decisions, made for that second implementation and kept cheap for the first:
   returns, because `Mesh.stream` subscribes before it reads the snapshot so that nothing
   published in between is lost. A replicated broadcaster that registers interest per key with
   the proxy awaits that registration there; the `Hub` enters without awaiting.
-- A subscription is local (`Subscription`: `wait()`, `take()`, `closed`): frames reach it
+- A subscription is local (`Subscription`: `wait()`, `take()`, `wake()`, `closed`): frames reach it
   however they travelled, and `take()` says when a resync (re-read and fresh snapshot) is due,
   which is also how a replicated broadcaster reports frames it may have missed (a watch stream
   that reconnected).
@@ -79,6 +79,11 @@ class Subscription(Protocol):
 
     def take(self) -> tuple[list[Published], bool]:
         """Everything pending (oldest first) and whether a resync is due; resets both."""
+        ...
+
+    def wake(self) -> None:
+        """Make `wait()` return now, with or without something pending (how the streams'
+        keepalive tick reaches a silent stream)."""
         ...
 
 

@@ -119,6 +119,9 @@ class HubSubscription:
             self._wakeup = trio.Event()
         return pending, resync
 
+    def wake(self) -> None:
+        self._wakeup.set()
+
     def close(self) -> None:
         self.closed = True
         self._wakeup.set()

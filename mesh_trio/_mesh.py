@@ -55,7 +55,7 @@ from mesh_proto import (
     traceparent_for,
 )
 
-from ._broadcast import Broadcaster
+from ._broadcast import Broadcaster, Subscription
 from ._metrics import MeshMetrics
 from ._observability import Tracing, traceparent_of
 from ._store import Store, never_waits
@@ -72,6 +72,8 @@ CREATE_GRACE = 30.0
 # How long a retry with an `Idempotency-Key` waits for the create that claimed the key to store
 # its envelope (it polls the store: the claimer may be another replica).
 IDEMPOTENCY_WAIT = 10.0
+# How often per keepalive period `run_keepalives` wakes the open streams.
+KEEPALIVE_TICKS = 4
 # How long a stream's resync waits for an unavailable store before it ends.
 RESYNC_PATIENCE = 10.0
 
@@ -196,6 +198,8 @@ class Mesh:
     idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
     # The reconnect delay SSE streams advise (`ASYA_MESH_SSE_RETRY`), in seconds.
     sse_retry: float = 3.0
+    # The subscriptions of the streams now open, for `run_keepalives`.
+    _streams: set[Subscription] = attrs.field(factory=set, init=False)
 
     async def create(
         self,
@@ -422,6 +426,16 @@ class Mesh:
             await self.broadcaster.publish(envelope_id, Published.status(outcome))
         return outcome
 
+    async def run_keepalives(self) -> None:
+        """Wake every open stream `KEEPALIVE_TICKS` times per `keepalive`, until cancelled, so
+        that a silent one sends its `:keepalive` (between 1 and 1.25 keepalive periods after
+        its last bytes). One timer for all streams: a timeout around every wait of every
+        stream cost a sixth of the CPU of a streamed token. `serve()` runs it."""
+        while True:
+            await trio.sleep(self.keepalive / KEEPALIVE_TICKS)
+            for sub in list(self._streams):
+                sub.wake()
+
     async def stream(
         self,
         envelope_id: str,
@@ -449,27 +463,30 @@ class Mesh:
             replayed = await self._replay(envelope_id, after)
             yield dialect.encode(state, envelope_id, state.start(envelope, *replayed), self.clock)
             state.sent(trio.current_time())
-            while not state.done:
-                with trio.move_on_after(state.keepalive_in(trio.current_time())):
+            self._streams.add(sub)  # woken by `run_keepalives`: no timer per wait
+            try:
+                while not state.done:
                     await sub.wait()
-                pending, resync = sub.take()
-                if resync:
-                    reread = await self._reread(envelope_id, state.seq if resume else None)
-                    if reread is None:
+                    pending, resync = sub.take()
+                    if resync:
+                        reread = await self._reread(envelope_id, state.seq if resume else None)
+                        if reread is None:
+                            return
+                        envelope, replayed = reread
+                        sends = state.resync(envelope, *replayed)
+                        sends += state.passed(pending)
+                    else:
+                        sends = state.passed(pending)
+                    chunk = dialect.encode(state, envelope_id, sends, self.clock) if sends else b""
+                    if not chunk and state.keepalive_in(trio.current_time()) == 0:
+                        chunk = dialect.keepalive
+                    if chunk:
+                        yield chunk
+                        state.sent(trio.current_time())
+                    if sub.closed:
                         return
-                    envelope, replayed = reread
-                    sends = state.resync(envelope, *replayed)
-                    sends += state.passed(pending)
-                else:
-                    sends = state.passed(pending)
-                chunk = dialect.encode(state, envelope_id, sends, self.clock) if sends else b""
-                if not chunk and state.keepalive_in(trio.current_time()) == 0:
-                    chunk = dialect.keepalive
-                if chunk:
-                    yield chunk
-                    state.sent(trio.current_time())
-                if sub.closed:
-                    return
+            finally:
+                self._streams.discard(sub)
 
     async def _reread(
         self, envelope_id: str, after: int | None

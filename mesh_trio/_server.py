@@ -296,6 +296,7 @@ async def serve(
                 mesh.gateway_url = f"http://127.0.0.1:{bound.internal_port}"
             async with trio.open_nursery() as workers:
                 workers.start_soon(run_backstop, mesh, config.backstop_interval)
+                workers.start_soon(mesh.run_keepalives)
                 if config.retention is not None:
                     retention = partial(
                         run_retention,
