@@ -12,9 +12,13 @@
 #   events   POST {prefix}/mesh/{id}/events, status progress and FLY 1:1     (internal port)
 #   status / fly   only one of the two kinds                                  (internal port)
 #   get      GET {prefix}/mesh/{id}, the sidecar heartbeat                    (internal port)
+#   tokens   10 fresh envelopes, each streamed by one `curl -N` (C, on core 1 with wrk); wrk
+#            posts FLY tokens to them round robin on 10 connections (internal port). Figures
+#            count the tokens the streams received (rps = tokens/s; delivered % of posted),
+#            and the load side's CPU is wrk's and curl's together
 #
 # Run: .venv/bin/python bench/wrk_compare.py [--targets lean,hypercorn,starlette]
-#          [--scenarios create,events,get] [--runs 3] [--duration 3] [--connections 32]
+#          [--scenarios create,events,get,tokens] [--runs 3] [--duration 3] [--connections 32]
 # (about targets x scenarios x runs x (duration + 1) seconds.)
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -158,6 +164,85 @@ def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Na
     }
 
 
+TOKEN_STREAMS = 10
+
+
+def _count_fly(paths: list[Path]) -> int:
+    return sum(path.read_bytes().count(b"event: fly\n") for path in paths)
+
+
+def _wait_for(condition: Callable[[], bool], bound: float, what: str) -> None:
+    deadline = time.monotonic() + bound
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tokens: {what} within {bound} s")
+        time.sleep(0.05)
+
+
+def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
+    """The `tokens` scenario (module comment): wrk posts, curl streams, both in C."""
+    ids = create_envelopes(server, TOKEN_STREAMS)
+    source = LUA_EVENTS % {"ids": ", ".join(f'"{i}"' for i in ids), "bodies": f"'{FLY}'",
+                           "prefix": PREFIX}  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(source + LUA_DONE)
+    folder = Path(tempfile.mkdtemp(prefix="wrk-tokens-"))
+    paths = [folder / f"{index}.sse" for index in range(len(ids))]
+    curls = []
+    for envelope_id, path in zip(ids, paths, strict=True):
+        url = f"http://127.0.0.1:{server.external}{PREFIX}/mesh/{envelope_id}/events"
+        with path.open("wb") as out:  # curl keeps its own copy of the descriptor
+            curls.append(subprocess.Popen(["taskset", "-c", "1", "curl", "-sN", url], stdout=out))
+    try:
+        _wait_for(lambda: all(p.stat().st_size for p in paths), 10, "streams did not start")
+        argv = [
+            "taskset", "-c", "1", "wrk", "-t1", f"-c{TOKEN_STREAMS}", f"-d{args.duration}s",
+            "--latency", "-s", f.name, f"http://127.0.0.1:{server.internal}/",
+        ]  # fmt: skip
+        before_server, before_load, started = (
+            cpu_seconds(server.pid),
+            children_cpu(os.getpid()) + sum(cpu_seconds(c.pid) for c in curls),
+            time.monotonic(),
+        )
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 30)
+        match = re.search(r"WRKJSON (\{.*\})", out.stdout)
+        if match is None:
+            raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+        figures = json.loads(match.group(1))
+        posted = figures["requests"] - figures["non2xx"]
+        # Delivered: every posted token reached its stream, or none came for half a second.
+        last = [-1, time.monotonic()]
+
+        def settled() -> bool:
+            count = _count_fly(paths)
+            if count != last[0]:
+                last[:] = [count, time.monotonic()]
+            return count >= posted or time.monotonic() - last[1] > 0.5
+
+        _wait_for(settled, 30, "tokens still arriving")
+        wall = time.monotonic() - started
+        server_cpu = cpu_seconds(server.pid) - before_server
+        load_cpu = children_cpu(os.getpid()) + sum(cpu_seconds(c.pid) for c in curls)
+        load_cpu -= before_load
+    finally:
+        for curl in curls:
+            curl.terminate()
+            curl.wait()
+        os.unlink(f.name)
+    delivered = _count_fly(paths)
+    shutil.rmtree(folder)
+    return {
+        "rps": delivered / figures["seconds"],
+        "per_cpu_s": delivered / server_cpu if server_cpu else 0.0,
+        "server_cpu_pct": 100 * server_cpu / wall,
+        "wrk_cpu_pct": 100 * load_cpu / wall,
+        "p99_ms": figures["p99_ms"],
+        "non2xx": figures["non2xx"],
+        "socket_errors": figures["socket_errors"],
+        "delivered_pct": 100 * delivered / posted if posted else 0.0,
+    }
+
+
 def spec(name: str, args: argparse.Namespace) -> run.ServerSpec:
     if name == "starlette":
         return run.starlette_spec()
@@ -193,7 +278,10 @@ def main() -> None:
                     server, ids = servers[name]
                     server.resume()
                     try:
-                        figures = measure(server, scenario, ids, args)
+                        if scenario == "tokens":
+                            figures = measure_tokens(server, args)
+                        else:
+                            figures = measure(server, scenario, ids, args)
                     finally:
                         server.pause()
                     results[name].setdefault(scenario, []).append(figures)
@@ -218,8 +306,11 @@ def main() -> None:
         for name in targets:
             m = medians[name][scenario]
             ratio = m["per_cpu_s"] / medians[base][scenario]["per_cpu_s"]
+            label = scenario
+            if "delivered_pct" in m:
+                label += f" ({m['delivered_pct']:.0f} % delivered)"
             print(
-                f"| {scenario} | {name} | {m['rps']:.0f} | {m['per_cpu_s']:.0f} | "
+                f"| {label} | {name} | {m['rps']:.0f} | {m['per_cpu_s']:.0f} | "
                 f"{m['server_cpu_pct']:.0f} | {m['wrk_cpu_pct']:.0f} | {m['p99_ms']:.1f} "
                 f"| {ratio:.2f} |"
             )
