@@ -128,30 +128,36 @@ def script(scenario: str, ids: list[str]) -> tuple[str, str]:
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 
+def run_wrk(lua: str, connections: int, duration: int, url: str) -> dict:
+    """wrk on core 1 with the script `lua` (which ends with LUA_DONE): its figures."""
+    argv = [
+        "taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+        "--latency", "-s", lua, url,
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    match = re.search(r"WRKJSON (\{.*\})", out.stdout)
+    if match is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    figures: dict = json.loads(match.group(1))
+    return figures
+
+
 def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Namespace) -> dict:
     source, port_name = script(scenario, ids)
     port = server.external if port_name == "external" else server.internal
     path = f"{PREFIX}/mesh/?actor=bench" if scenario == "create" else "/"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(source)
-    argv = [
-        "taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
-        "--latency", "-s", f.name, f"http://127.0.0.1:{port}{path}",
-    ]  # fmt: skip
     before_server, before_wrk, started = (
         cpu_seconds(server.pid),
         children_cpu(os.getpid()),
         time.monotonic(),
     )
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 30)
+    figures = run_wrk(f.name, args.connections, args.duration, f"http://127.0.0.1:{port}{path}")
     wall = time.monotonic() - started
     server_cpu = cpu_seconds(server.pid) - before_server
     wrk_cpu = children_cpu(os.getpid()) - before_wrk
     os.unlink(f.name)
-    match = re.search(r"WRKJSON (\{.*\})", out.stdout)
-    if match is None:
-        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-    figures = json.loads(match.group(1))
     rps = figures["requests"] / figures["seconds"]
     return {
         "rps": rps,
@@ -195,20 +201,13 @@ def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
             curls.append(subprocess.Popen(["taskset", "-c", "1", "curl", "-sN", url], stdout=out))
     try:
         _wait_for(lambda: all(p.stat().st_size for p in paths), 10, "streams did not start")
-        argv = [
-            "taskset", "-c", "1", "wrk", "-t1", f"-c{TOKEN_STREAMS}", f"-d{args.duration}s",
-            "--latency", "-s", f.name, f"http://127.0.0.1:{server.internal}/",
-        ]  # fmt: skip
         before_server, before_load, started = (
             cpu_seconds(server.pid),
             children_cpu(os.getpid()) + sum(cpu_seconds(c.pid) for c in curls),
             time.monotonic(),
         )
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 30)
-        match = re.search(r"WRKJSON (\{.*\})", out.stdout)
-        if match is None:
-            raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-        figures = json.loads(match.group(1))
+        url = f"http://127.0.0.1:{server.internal}/"
+        figures = run_wrk(f.name, TOKEN_STREAMS, args.duration, url)
         posted = figures["requests"] - figures["non2xx"]
         # Delivered: every posted token reached its stream, or none came for half a second.
         last = [-1, time.monotonic()]
