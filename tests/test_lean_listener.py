@@ -3,16 +3,18 @@ the test (`tests/lean_helpers.py`), every reply is parsed strictly."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 import trio
 
 from mesh_trio import _lean
 from mesh_trio._lean import MAX_HEAD, Reply, Request
-from tests.lean_helpers import WAIT, Client, Malformed, request, running, until
+from tests.lean_helpers import WAIT, Client, Malformed, Streams, make_echo, request, running, until
 
 
 @pytest.fixture(autouse=True, params=["epoll", "trio"])
@@ -569,3 +571,44 @@ async def test_upgrade_request_is_answered_then_closed() -> None:
             response = await client.response()
             assert await client.closed()
         assert response.json()["path"] == "/ws"
+
+
+class RunningOutOfDescriptors:
+    """A listener whose first `failures` accepts fail as when the process is out of file
+    descriptors (EMFILE); then it accepts as the real one does."""
+
+    def __init__(self, real: trio.SocketListener, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+        self.failed = trio.Event()
+
+    async def accept(self) -> trio.SocketStream:
+        if self.failures:
+            self.failures -= 1
+            if not self.failures:
+                self.failed.set()
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await self.real.accept()
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+async def test_accept_failures_are_logged_once_and_serving_resumes(
+    caplog: pytest.LogCaptureFixture, nursery: trio.Nursery
+) -> None:
+    (real,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    flaky = RunningOutOfDescriptors(real, failures=3)
+    stop = trio.Event()
+    await nursery.start(
+        partial(_lean.serve_lean, make_echo(Streams()), [flaky], shutdown_trigger=stop.wait)
+    )
+    with trio.fail_after(WAIT):
+        await flaky.failed.wait()
+        client = Client(await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1]))
+        await client.send(request("GET", "/after"))
+        assert (await client.response()).status == 200
+    await client.aclose()
+    stop.set()
+    failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].levelno == logging.ERROR
