@@ -63,6 +63,7 @@ from mesh_proto import (
 )
 
 from ._broadcast import Broadcaster
+from ._bus import BusStatistics
 from ._proxy_store import ProxyStore
 from ._store import Store, never_waits
 from .transports import ActorNotFound, DispatchUnavailable
@@ -138,6 +139,14 @@ class _Fanout(Collector):
             ("resyncs", "SSE streams sent back to the store for a fresh snapshot", stats.resyncs),
         ):
             yield CounterMetricFamily(f"asya_mesh_{name}", help_text, value=value)
+        if isinstance(stats, BusStatistics):  # the replicated broadcaster (docs/scale-out.md)
+            for name, help_text, value in (
+                ("bus_posted", "FLY events this replica put on the event bus", stats.posted),
+                ("bus_relayed", "events of other replicas delivered here", stats.relayed),
+                ("bus_reconnects", "times the event bus's watch stream reconnected",
+                 stats.reconnects),
+            ):  # fmt: skip
+                yield CounterMetricFamily(f"asya_mesh_{name}", help_text, value=value)
 
 
 @attrs.define(eq=False)

@@ -18,6 +18,7 @@ from mesh_trio._bus import SINGLE_REPLICA, ProxyBroadcaster
 from mesh_trio._hub import Hub
 from mesh_trio.stateproxy import serve_state_proxy
 from tests.harness import WAIT, MeshClient, SseClient, start_mesh
+from tests.test_metrics import scrape, value
 from tests.test_proxy_faults import Proxy
 
 pytestmark = pytest.mark.postgres
@@ -85,6 +86,11 @@ async def test_a_stream_on_one_replica_sees_in_order_what_the_others_were_posted
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert bus_of(b).statistics().relayed == 6
     assert bus_of(a).statistics().posted == 2
+    # The same counters on /metrics (what an operator watches).
+    assert value(await scrape(b.int_port), "asya_mesh_bus_relayed_total") == 6
+    samples = await scrape(a.int_port)
+    assert value(samples, "asya_mesh_bus_posted_total") == 2
+    assert samples[("asya_mesh_bus_reconnects_total", frozenset())] == 0
 
 
 async def test_requests_spread_round_robin_behave_as_one_server(
