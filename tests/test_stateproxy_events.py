@@ -540,10 +540,11 @@ async def test_the_metrics_count_events_and_streams(start_proxy: Start, watch: A
     assert samples["asya_state_proxy_requests_total{op=watch,status=200}"] == 1
 
 
-async def test_a_transaction_commits_whole_or_not_at_all(pg_url: str) -> None:
+async def test_a_pipeline_commits_whole_or_not_at_all(pg_url: str) -> None:
     pool = PgPool(pg_url, max_size=1)
     key = unique("tx").encode()
-    insert = b"INSERT INTO tx_probe (key) VALUES ($1)"
+    insert = (b"INSERT INTO tx_probe (key) VALUES ($1) RETURNING key", b"tx_probe_insert")
+    divide = (b"SELECT 1 / $1::int", b"tx_probe_divide")
     try:
         await pool.execute_script(b"CREATE TABLE IF NOT EXISTS tx_probe (key text PRIMARY KEY)")
 
@@ -552,22 +553,21 @@ async def test_a_transaction_commits_whole_or_not_at_all(pg_url: str) -> None:
             return tuple(sorted(v for v in rows.values if v is not None))
 
         with pytest.raises(PgError):  # the second statement fails: the first is undone
-            async with pool.transaction() as tx:
-                await tx.execute(insert, [key + b"1"])
-                await tx.execute(b"SELECT 1 / 0")
-        with pytest.raises(LookupError):  # anything raised in the block undoes it too
-            async with pool.transaction() as tx:
-                await tx.script(b"INSERT INTO tx_probe VALUES ('" + key + b"2')")
-                raise LookupError
-        async with pool.transaction() as tx:
-            await tx.execute(insert, [key + b"3"])
-            await tx.rollback()
+            await pool.execute_pipeline(
+                [(insert[0], [key + b"1"], insert[1]), (divide[0], [b"0"], divide[1])]
+            )
+        with pytest.raises(PgError):  # the first fails: the second is skipped
+            await pool.execute_pipeline(
+                [(divide[0], [b"0"], divide[1]), (insert[0], [key + b"2"], insert[1])]
+            )
         assert await stored() == ()
-        async with pool.transaction() as tx:
-            await tx.execute(insert, [key + b"4"])
-            await tx.execute(insert, [key + b"5"])
-        assert await stored() == (key + b"4", key + b"5")
-        assert pool.statistics().in_use == 0
+        first, second = await pool.execute_pipeline(
+            [(insert[0], [key + b"3"], insert[1]), (insert[0], [key + b"4"], insert[1])]
+        )
+        assert (first.values, second.values) == ((key + b"3",), (key + b"4",))
+        assert await stored() == (key + b"3", key + b"4")
+        # One connection all along: a failed pipeline leaves it usable.
+        assert pool.statistics().in_use == 0 and pool.statistics().opened == 1
     finally:
         pool.close()
 

@@ -11,9 +11,9 @@
 # then draws one `nextval` per event in the order given, inserts the rows and calls `pg_notify`
 # once per payload. Holding the key's lock from `nextval` to the commit is what makes seq order
 # the commit order of one key's events, which NOTIFY preserves (PostgreSQL delivers
-# notifications in commit order). A publishing PUT is a transaction on one pooled connection
-# (`PgPool.transaction`): ``BEGIN``, the lock and the seq; then the guarded write, the insert and
-# the NOTIFY in one statement, so the event exists exactly when the write happened; ``COMMIT``.
+# notifications in commit order). A publishing PUT is two statements in one round trip and one
+# transaction (`PgPool.execute_pipeline`): the key's lock; then the seq, the guarded write, the
+# insert and the NOTIFY in one statement, so the event exists exactly when the write happened.
 #
 # A NOTIFY payload (< 8000 bytes) holds lines separated by ``\n``: a watch line as it will be
 # sent (``{"seq":...}``), or, for a line too long to fit, its seq in decimal; the listening
@@ -117,6 +117,8 @@ _PUBLISH = (
     b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
     b"FROM payloads"
 )
+# A publishing PUT's first statement: the key's lock, held to the commit (see `put_publish`).
+_LOCK_KEY = b"SELECT pg_advisory_xact_lock($1::int, $2::int)"
 _REPLAY = (
     f"SELECT '{{\"events\":[' || coalesce((SELECT string_agg({_LINE}, ',' ORDER BY seq) "
     "FROM events WHERE key = $1 AND seq > $2::bigint), '') || '],\"gap\":' || "
@@ -405,28 +407,32 @@ class EventBus:
         """
         write, name, guards = write_statement(status=status, revision=revision, absent=absent)
         first = 3 + len(guards)
+        # The seq is drawn after the key's lock (the first statement), in the same transaction
+        # as the write; the watch line is built around it by PostgreSQL, or is just the seq
+        # when a line with the longest seq would not fit a NOTIFY.
+        rest = _line(0, _key_json(key), _encode(origin), event_json)[len('{"seq":0') :]
+        ref = len(rest) + len('{"seq":') + _SEQ_DIGITS >= NOTIFY_LIMIT
         sql = (
-            f"WITH w AS ({value_of_body(write)} RETURNING 1), ins AS (INSERT INTO events "
-            f"(seq, key, origin, event) SELECT ${first}::bigint, $1, ${first + 1}, ${first + 2} "
-            f"FROM w) SELECT pg_notify(${first + 3}, ${first + 4}) FROM w"
+            f"WITH s AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq), "
+            f"w AS ({value_of_body(write)} RETURNING 1), ins AS (INSERT INTO events "
+            f"(seq, key, origin, event) SELECT s.seq, $1, ${first}, ${first + 1} FROM w, s) "
+            f"SELECT s.seq::text, pg_notify(${first + 2}, CASE WHEN ${first + 3}::bool "
+            f"THEN s.seq::text ELSE '{{\"seq\":' || s.seq || ${first + 4} END) FROM w, s"
         ).encode()
+        params = (key.encode(), body, *guards, origin.encode(), event_json.encode())
+        params += (self.channel.encode(), b"true" if ref else b"false", rest.encode())
+        lock = (str(self._lock_ns).encode(), str(_lock_id(key)).encode())
         try:
-            async with self.pool.transaction() as tx:
-                rows = await tx.script(self._lock_and_seqs([_lock_id(key)], 1))
-                seq = int(rows.values[0] or b"0")
-                line = _line(seq, _key_json(key), _encode(origin), event_json)
-                payload = line if len(line) < NOTIFY_LIMIT else str(seq)
-                params = (key.encode(), body, *guards, str(seq).encode(), origin.encode())
-                params += (event_json.encode(), self.channel.encode(), payload.encode())
-                written = await tx.execute(sql, params, name=name + b"_publish")
-                if not written.values:
-                    await tx.rollback()
-                    return None
+            _, written = await self.pool.execute_pipeline(
+                [(_LOCK_KEY, lock, b"sp_events_lock"), (sql, params, name + b"_publish")]
+            )
         except PgError as exc:
             raise client_error(exc, "invalid JSON body") from None
+        if not written.values:
+            return None  # a guard failed: nothing written, nothing published
         self._touched.add(key)
         self.published += 1
-        return seq
+        return int(written.values[0] or b"0")
 
     async def replay(self, key: str, after: int) -> bytes:
         """The reply body of ``GET /events/{key}?after=N``: ``{"events": [...], "gap": G}``."""

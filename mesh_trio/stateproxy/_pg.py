@@ -19,10 +19,11 @@
 # value is an SQL error, never a silent truncation) and text results. A named statement is
 # prepared once per connection.
 #
-# Two additions serve the event bus. `PgPool.transaction` runs several statements on one pooled
-# connection between ``BEGIN`` and ``COMMIT``; whatever goes wrong inside (an SQL error, a lost
-# connection, a timeout, a cancellation) closes the connection, so the server rolls the whole
-# transaction back and no half of it is ever committed. `PgPool.listen` opens a connection
+# Two additions serve the event bus. `PgPool.execute_pipeline` sends several prepared statements
+# with one Sync (libpq's pipeline mode): one round trip and one implicit transaction, committed
+# at the Sync or rolled back whole when a statement fails; whatever else goes wrong (a lost
+# connection, a timeout, a cancellation) closes the connection, so no half of it is ever
+# committed. `PgPool.listen` opens a connection
 # outside the pool that only LISTENs: its notifications are read with `notifies()` after
 # `consume_input` whenever the socket is readable, and a broken connection raises
 # `StoreUnavailable` to the one task reading it.
@@ -33,7 +34,7 @@ import logging
 import re
 import select
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import attrs
@@ -131,6 +132,44 @@ class _Conn:
             pg.send_query_params(sql, params, param_types=types, param_formats=formats)
         await self._flush()
         return await self._collect()
+
+    async def run_pipeline(
+        self, steps: Sequence[tuple[bytes, Sequence[bytes], bytes]]
+    ) -> list[pq.abc.PGresult]:
+        """Prepared statements `steps` (sql, params, name) sent together with one Sync: one
+        round trip and one implicit transaction (committed at the Sync, or rolled back whole
+        if a statement fails: the rest are then skipped). Each step's result, as `run`'s."""
+        pg = self.pgconn
+        for sql, params, name in steps:  # preparing is a round trip, once per connection
+            if name not in self.prepared:
+                pg.send_prepare(name, sql, param_types=[_TEXT_OID] * len(params))
+                await self._flush()
+                result = await self._collect()
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    return [result]
+                self.prepared.add(name)
+        # On an error or cancellation midway the caller closes the connection (`_connection`),
+        # so only a complete exchange leaves pipeline mode.
+        pg.enter_pipeline_mode()
+        for _, params, name in steps:
+            pg.send_query_prepared(name, params, param_formats=[_BINARY] * len(params))
+        pg.pipeline_sync()
+        await self._flush()
+        results = [await self._collect() for _ in steps]
+        while (await self._next_result()).status != pq.ExecStatus.PIPELINE_SYNC:
+            pass
+        pg.exit_pipeline_mode()
+        return results
+
+    async def _next_result(self) -> pq.abc.PGresult:
+        pg = self.pgconn
+        while pg.is_busy():
+            await trio.lowlevel.wait_readable(self.fileno)
+            pg.consume_input()
+        result = pg.get_result()
+        if result is None:
+            raise psycopg.OperationalError("no result from the server")
+        return result
 
     async def run_script(self, sql: bytes) -> pq.abc.PGresult:
         self.pgconn.send_query(sql)
@@ -236,28 +275,6 @@ class PgPool:
             self._unavailable(exc)
             raise
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """A `Transaction` on one pooled connection, committed when the block completes.
-
-        The first statement begins the transaction; leaving the block commits it (unless
-        `Transaction.rollback` was called). An exception out of the block, from a statement or
-        not, closes the connection instead, so PostgreSQL rolls everything back.
-
-        Raises:
-            StoreUnavailable: as for `execute`, from any statement or the commit.
-            PgError: a statement failed (all of the transaction is rolled back).
-        """
-        try:
-            async with self._connection() as conn:
-                tx = Transaction(self, conn)
-                yield tx
-                if tx.open:
-                    await tx.finish(b"COMMIT")
-        except StoreUnavailable as exc:
-            self._unavailable(exc)
-            raise
-
     async def listen(self, channel: str) -> Listener:
         """A connection outside the pool that LISTENs on `channel` (lower-case identifier).
 
@@ -293,20 +310,34 @@ class PgPool:
             self._available = True
             logger.info("PostgreSQL at %s available again", self.describe())
 
-    async def _statement(self, conn: _Conn, run: Callable[[], Awaitable[pq.abc.PGresult]]) -> Rows:
-        """One statement of a transaction on `conn`: its rows, or the error it raised."""
+    async def execute_pipeline(
+        self, steps: Sequence[tuple[bytes, Sequence[bytes], bytes]]
+    ) -> list[Rows]:
+        """Run prepared statements (sql, params, name) as one transaction in one round trip
+        (`_Conn.run_pipeline`) and return the rows of each. Never retried.
+
+        Raises:
+            StoreUnavailable: as for `execute`.
+            PgError: a statement failed (none of them took effect).
+        """
         try:
-            with _deadline(self.statement_timeout):
-                result = await run()
-        except psycopg.OperationalError as exc:
-            lost: str | None = _first_line(str(exc))
-        else:
-            lost = None if conn.alive() else _first_line(_message(result))
-        if lost is not None:
-            raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
-        self._check(result)
+            async with self._connection() as conn:
+                try:
+                    with _deadline(self.statement_timeout):
+                        results = await conn.run_pipeline(steps)
+                except psycopg.OperationalError as exc:
+                    lost: str | None = _first_line(str(exc))
+                else:
+                    lost = None if conn.reusable() else _first_line(_message(results[-1]))
+                if lost is not None:
+                    raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
+            for result in results:
+                self._check(result)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            raise
         self._recovered()
-        return _rows(result)
+        return [_rows(result) for result in results]
 
     async def execute_script(self, sql: bytes) -> None:
         """Run statements separated by semicolons (simple protocol, no parameters).
@@ -446,50 +477,6 @@ class PgPool:
                 raise StoreUnavailable(f"cannot resolve PostgreSQL host {host!r}: {exc}") from None
             info["hostaddr"] = str(addrs[0][4][0])
         return psycopg.conninfo.make_conninfo("", **info).encode()
-
-
-@attrs.define(eq=False)
-class Transaction:
-    """Statements on one connection of a `PgPool`, between ``BEGIN`` and ``COMMIT``.
-
-    Made by `PgPool.transaction`, which commits it; `rollback` ends it early instead.
-    """
-
-    _pool: PgPool
-    _conn: _Conn
-    _state: str = "new"  # new (nothing sent), open (BEGIN sent), done
-
-    @property
-    def open(self) -> bool:
-        """BEGIN was sent and neither COMMIT nor ROLLBACK yet."""
-        return self._state == "open"
-
-    async def script(self, sql: bytes) -> Rows:
-        """Run semicolon-separated statements (simple protocol, no parameters); the rows of
-        the last. The first call sends ``BEGIN`` in the same round trip."""
-        if self._state == "new":
-            sql, self._state = b"BEGIN; " + sql, "open"
-        return await self._pool._statement(self._conn, lambda: self._conn.run_script(sql))
-
-    async def execute(
-        self, sql: bytes, params: Sequence[bytes] = (), *, name: bytes | None = None
-    ) -> Rows:
-        """Run one statement, as `PgPool.execute` (never retried)."""
-        if self._state == "new":
-            await self.script(b"SELECT 1")
-        conn = self._conn
-        return await self._pool._statement(conn, lambda: conn.run(sql, params, name))
-
-    async def rollback(self) -> None:
-        """Undo every statement so far; the transaction is over."""
-        if self.open:
-            await self.finish(b"ROLLBACK")
-        self._state = "done"
-
-    async def finish(self, command: bytes) -> None:
-        """Send ``COMMIT`` or ``ROLLBACK``."""
-        self._state = "done"
-        await self._pool._statement(self._conn, lambda: self._conn.run_script(command))
 
 
 @attrs.define(eq=False)
