@@ -299,6 +299,24 @@ async def test_garbage_request_is_400_and_closes(client, raw) -> None:
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_a_head_over_64_kib_is_431_and_closes(client, raw) -> None:
+    huge = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (65 * 1024) + b"\r\n\r\n"
+    replies = await raw(client.socket_path, huge)
+    assert [r.status for r in replies] == [431]
+    assert json.loads(replies[0].body) == {"error": "request head too large"}
+
+
+async def test_an_http_1_0_request_is_answered_and_closed(client, raw) -> None:
+    await client.put("old", {"n": 1})
+    replies = await raw(
+        client.socket_path,
+        b"GET /keys/old HTTP/1.0\r\n\r\n",  # no keep-alive asked: the server closes
+    )
+    assert [r.status for r in replies] == [200]
+    assert json.loads(replies[0].body)["value"] == {"n": 1}
+    assert replies[0].headers["connection"] == "close"
+
+
 async def test_client_eof_mid_request_and_between_requests(client) -> None:
     for partial in (b"", b"GET /keys/a HT", b"PUT /keys/a HTTP/1.1\r\ncontent-length: 10\r\n\r\n{"):
         stream = await trio.open_unix_socket(client.socket_path)
