@@ -44,6 +44,8 @@ from ._observability import request_id, request_id_in
 from ._web import is_openapi, last_event_id, run_operation
 
 log = logging.getLogger("mesh_trio.http")
+# One INFO line per request with `ASYA_MESH_ACCESS_LOG=1` (the same line as the debug one).
+access_log = logging.getLogger("mesh_trio.access")
 
 Header = tuple[bytes, bytes]
 
@@ -76,11 +78,18 @@ class MeshHandler:
     """The `Handler` of one port (`role`): see the module comment.
 
     `cors_origins` (external port only) answers preflights and adds `Access-Control-Allow-Origin`
-    for a listed `Origin` (or any, with `*`).
+    for a listed `Origin` (or any, with `*`). With `access_log`, every request is logged at
+    INFO on `mesh_trio.access`; without it, at DEBUG on `mesh_trio.http`.
     """
 
     def __init__(
-        self, mesh: Mesh, routes: Extensions, role: Role, *, cors_origins: tuple[str, ...] = ()
+        self,
+        mesh: Mesh,
+        routes: Extensions,
+        role: Role,
+        *,
+        cors_origins: tuple[str, ...] = (),
+        access_log: bool = False,
     ) -> None:
         self.mesh = mesh
         self.routes = routes
@@ -88,6 +97,7 @@ class MeshHandler:
         self.role = role
         self.port = "external" if role is Role.EXTERNAL else "internal"
         self.cors_origins = cors_origins
+        self.access_log = access_log
         self.document = dumps(openapi_document(self.router.prefix, role=role))
 
     async def __call__(self, request: Request, refused: ProtocolError | None = None) -> Reply:
@@ -111,8 +121,10 @@ class MeshHandler:
         reply = Reply(reply.status, (*reply.headers, *extra), reply.body, reply.stream)
         if label is not None:  # None: a metrics scrape, not counted
             self.mesh.metrics.request(self.port, label, reply.status, perf_counter() - started)
-        if log.isEnabledFor(logging.DEBUG):
-            self._log(request, reply.status, started)
+        if self.access_log:
+            self._log(access_log, logging.INFO, request, reply.status, started)
+        elif log.isEnabledFor(logging.DEBUG):
+            self._log(log, logging.DEBUG, request, reply.status, started)
         return reply
 
     async def _respond(self, request: Request) -> tuple[str | None, Reply]:
@@ -204,9 +216,12 @@ class MeshHandler:
         asked = request.header(b"access-control-request-headers") or b"Content-Type"
         return Reply(204, (*_PREFLIGHT, (b"access-control-allow-headers", asked)))
 
-    def _log(self, request: Request, status: int, started: float) -> None:
+    def _log(
+        self, logger: logging.Logger, level: int, request: Request, status: int, started: float
+    ) -> None:
         ms = round((perf_counter() - started) * 1000, 1)
-        log.debug(
+        logger.log(
+            level,
             "request port=%s method=%s path=%s status=%d ms=%.1f",
             self.port,
             request.method,

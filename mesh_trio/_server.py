@@ -258,7 +258,9 @@ async def serve(
         router = config.router
         # Extension modules (mesh_compat with ASYA_MESH_COMPAT=1) are imported by name only here.
         routes = Extensions.load(config.extensions, mesh, router)
-        internal = MeshHandler(mesh, routes, Role.INTERNAL)
+        # On hypercorn the access log is hypercorn's (it serves the internal handler too).
+        handler_log = config.access_log and config.http == "lean"
+        internal = MeshHandler(mesh, routes, Role.INTERNAL, access_log=handler_log)
         stop_listeners = trio.Event()
         settings = partial(
             hypercorn_config,
@@ -268,7 +270,11 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if config.http == "lean":
                 external = MeshHandler(
-                    mesh, routes, Role.EXTERNAL, cors_origins=config.cors_origins
+                    mesh,
+                    routes,
+                    Role.EXTERNAL,
+                    cors_origins=config.cors_origins,
+                    access_log=handler_log,
                 )
                 ext_binds = await _start_lean(
                     nursery, external, config, "ASYA_MESH_EXTERNAL_PORT", stop_listeners, ext_sock

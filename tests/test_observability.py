@@ -235,6 +235,32 @@ async def test_every_line_of_a_request_carries_its_id(mesh: MeshClient, captured
     assert [getattr(r, "request_id", None) for r in lines] == [reply.headers[REQUEST_ID_HEADER]]
 
 
+async def test_the_access_log_is_one_info_line_per_request_on_lean(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, listener: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    mesh = await start_mesh(nursery, ASYA_MESH_ACCESS_LOG="1")
+    assert (await http(mesh.ext_port, "GET", "/health")).status == 200
+    assert (await mesh.int("GET", "no-such-id")).status == 404
+    access = [r for r in caplog.records if r.name == "mesh_trio.access"]
+    if listener == "hypercorn":  # hypercorn's own access log is the one
+        assert access == []
+        return
+    assert [(r.levelno, getattr(r, "port", None), getattr(r, "status", None)) for r in access] == [
+        (logging.INFO, "external", 200),
+        (logging.INFO, "internal", 404),
+    ]
+
+
+async def test_no_access_log_by_default(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    mesh = await start_mesh(nursery)
+    assert (await http(mesh.ext_port, "GET", "/health")).status == 200
+    assert [r for r in caplog.records if "request port=" in r.getMessage()] == []
+
+
 # --- OpenTelemetry ----------------------------------------------------------------------------
 
 
