@@ -227,6 +227,7 @@ class HttpServer:
             self._connections.discard(conn)
 
     async def _request_loop(self, conn: _Connection) -> None:
+        refusal: _Refused | None = None  # bytes that cannot be parsed: answered in turn
         while True:
             while conn.ready:
                 request, keep_alive, http11 = conn.ready.pop(0)
@@ -242,8 +243,14 @@ class HttpServer:
                 await self._send(conn, response, head=head, close=close, chunked=http11)
                 if close:
                     return
+            if refusal is not None:
+                await self._refuse(conn, refusal.status, refusal.message)
+                return
             if self._draining and not conn.in_message:
                 return
+            if conn.expect_continue and conn.in_message:  # after the replies before it
+                conn.expect_continue = False
+                await conn.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             data = await self._receive(conn)
             if data is None:
                 return  # a drain closed the idle connection
@@ -254,15 +261,9 @@ class HttpServer:
             try:
                 conn.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
-                await self._refuse(conn, 400, "protocol upgrades are not supported")
-                return
+                refusal = _Refused(400, "protocol upgrades are not supported")
             except httptools.HttpParserError as exc:
-                refused = conn.refused or _Refused(400, f"malformed request: {exc}")
-                await self._refuse(conn, refused.status, refused.message)
-                return
-            if conn.expect_continue and conn.in_message:
-                conn.expect_continue = False
-                await conn.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                refusal = conn.refused or _Refused(400, f"malformed request: {exc}")
 
     async def _receive(self, conn: _Connection) -> bytes | None:
         """The next bytes (b"" at EOF); None when a drain closed an idle connection."""

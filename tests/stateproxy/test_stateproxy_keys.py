@@ -299,6 +299,25 @@ async def test_garbage_request_is_400_and_closes(client, raw) -> None:
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_requests_before_garbage_are_answered_first(client, raw) -> None:
+    replies = await raw(
+        client.socket_path,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"THIS IS NOT HTTP\r\n\r\n",
+    )
+    assert [r.status for r in replies] == [200, 200, 400]
+
+
+async def test_100_continue_comes_after_the_replies_before_it(client, raw) -> None:
+    replies = await raw(
+        client.socket_path,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"PUT /keys/c HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n",
+        b"{}GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    assert [r.status for r in replies] == [200, 100, 204, 200]
+
+
 async def test_a_head_over_64_kib_is_431_and_closes(client, raw) -> None:
     huge = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (65 * 1024) + b"\r\n\r\n"
     replies = await raw(client.socket_path, huge)
