@@ -135,7 +135,7 @@ class _Reply:
 
     def on_message_begin(self) -> None:
         if self.complete:
-            self.reusable = False  # bytes after the reply: the connection cannot be trusted
+            raise _Extra  # bytes after the reply: stop there, the connection cannot be trusted
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -165,6 +165,10 @@ class _Reply:
 
 class _HeadDone(Exception):
     """A HEAD reply's head is all there is."""
+
+
+class _Extra(Exception):
+    """Bytes past the end of the reply."""
 
 
 @attrs.define(eq=False)
@@ -386,7 +390,7 @@ class HttpPool:
                             f"reply from {self._where} larger than {self.max_reply} bytes"
                         )
                         raise _Failed(too_big) from None
-                    if not isinstance(cause, _HeadDone) and not reply.complete:
+                    if not isinstance(cause, _HeadDone | _Extra) and not reply.complete:
                         raise ExchangeError(f"malformed reply: {exc}") from None
                     reply.reusable = False
         except (*_IO_ERRORS, ExchangeError) as exc:

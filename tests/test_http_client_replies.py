@@ -90,12 +90,14 @@ async def test_a_chunked_reply_is_joined(scripted: Any) -> None:
     [
         b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
-        OK + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",  # bytes past the reply
+        # Bytes past the reply; the server keeps the connection open, so only the client's
+        # refusal to reuse it opens the second one.
+        OK + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
     ],
     ids=["connection-close", "http-1.0", "bytes-past-the-reply"],
 )
 async def test_a_reply_that_ends_the_connection_is_not_reused(scripted: Any, first: bytes) -> None:
-    server, pool = await scripted(first + CLOSE, OK)
+    server, pool = await scripted(first if first.startswith(OK) else first + CLOSE, OK)
     assert (await pool.request("GET", "/")).body == b"ok"
     assert (await pool.request("GET", "/")).body == b"ok"
     assert server.connections == 2
