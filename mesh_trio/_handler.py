@@ -40,7 +40,7 @@ from ._extension import ExtensionRequest, Extensions
 from ._lean import Reply, Request
 from ._mesh import Mesh
 from ._metrics import CONTENT_TYPE, NO_OP, is_metrics, route_label
-from ._observability import request_id, request_id_in
+from ._observability import fresh_request_id, request_id, request_id_in
 from ._web import is_openapi, last_event_id, run_operation
 
 log = logging.getLogger("mesh_trio.http")
@@ -200,6 +200,22 @@ class MeshHandler:
         if reply.body:
             headers.append(_JSON)
         return Reply(reply.status, headers, reply.body)
+
+    def refusal_headers(self, status: int) -> tuple[Header, ...]:
+        """For a reply the lean listener writes itself (a malformed request, a body over the
+        limit, a slow client): a fresh `X-Request-Id`, the request counted (op `refused`) and,
+        with the access log on, its line."""
+        rid = fresh_request_id()
+        self.mesh.metrics.request(self.port, "refused", status, 0.0)
+        if self.access_log:
+            access_log.info(
+                "request port=%s refused status=%d request_id=%s",
+                self.port,
+                status,
+                rid,
+                extra={"port": self.port, "status": status},
+            )
+        return ((_REQUEST_ID, rid.encode()),)
 
     def _cors(self, origin: bytes | None) -> tuple[Header, ...]:
         if origin is None:

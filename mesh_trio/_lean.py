@@ -238,6 +238,8 @@ class _Server:
     header_timeout: float
     max_requests: int | None
     stats: ListenerStats
+    # Headers of the replies the listener writes itself (given their status), or None.
+    error_headers: Callable[[int], Sequence[tuple[bytes, bytes]]] | None = None
     connections: set[_Connection] = attrs.field(factory=set)
     draining: bool = False
     readiness: _Readiness = attrs.field(factory=_Readiness)
@@ -575,10 +577,15 @@ class _Connection:
 
     def _error(self, status: int, message: str) -> bytes:
         body = _error_body(message)
+        extra = self.server.error_headers
         return b"".join(
             (
                 _status_line(status),
                 _date_header(),
+                *(
+                    name + b": " + value + b"\r\n"
+                    for name, value in (extra(status) if extra else ())
+                ),
                 _JSON,
                 _CLOSE,
                 b"content-length: %d\r\n\r\n" % len(body),
@@ -714,9 +721,13 @@ async def serve_lean(
     graceful_timeout: float = 5.0,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     stats: ListenerStats | None = None,
+    error_headers: Callable[[int], Sequence[tuple[bytes, bytes]]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on `listeners` until cancelled or until `shutdown_trigger` returns.
+
+    The replies the listener writes itself (400, 408, 413, 431, 505, and 500 when the handler
+    failed) get the headers `error_headers(status)` returns, if given.
 
     Shutdown: the listeners close, idle connections close, requests in flight get
     `graceful_timeout` to finish (their replies carry `connection: close`, streams run until
@@ -729,6 +740,7 @@ async def serve_lean(
         header_timeout,
         max_requests,
         stats if stats is not None else ListenerStats(),
+        error_headers,
     )
     try:
         await _serve_lean(server, listeners, graceful_timeout, shutdown_trigger, task_status)

@@ -174,6 +174,7 @@ async def _start_lean(
             header_timeout=config.header_timeout,
             graceful_timeout=config.graceful_timeout,
             shutdown_trigger=stop.wait,
+            error_headers=handler.refusal_headers,
         )
     )
     return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]

@@ -22,6 +22,7 @@ import trio
 from mesh_trio import Config, serve
 from mesh_trio._config import StartupError, root_cause
 from tests.harness import TEST_ENV, WAIT, MeshClient, Reply, http, start_mesh, start_stoppable
+from tests.test_metrics import scrape, value
 
 ORIGIN = "https://ui.example"
 RID = "req-42"
@@ -234,3 +235,34 @@ async def test_shutdown_ends_streams_then_drains_the_listeners(
     await idle.aclose()
     with pytest.raises(OSError):
         await http(mesh.ext_port, "GET", "/health")
+
+
+async def raw_reply(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; everything the server sends until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+async def test_the_lean_listeners_own_refusals_carry_an_id_and_are_counted(
+    nursery: trio.Nursery,
+) -> None:
+    mesh = await start_mesh(nursery, ASYA_MESH_HTTP="lean")
+    malformed = await raw_reply(mesh.ext_port, b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
+    too_big = await raw_reply(
+        mesh.int_port,
+        b"POST /api/v1/mesh/x/events HTTP/1.1\r\nHost: t\r\nContent-Length: 20000000\r\n\r\n",
+    )
+    for reply, status in ((malformed, b"400"), (too_big, b"413")):
+        head = reply.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 " + status), reply
+        assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head + b"\r\n"), reply
+    samples = await scrape(mesh.int_port)
+    requests = "asya_mesh_requests_total"
+    assert value(samples, requests, port="external", op="refused", status="400") == 1
+    assert value(samples, requests, port="internal", op="refused", status="413") == 1
