@@ -22,10 +22,11 @@ import h11
 import psycopg
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_proto import EVENTS, FEATURES_HEADER, encode_key
-from mesh_trio.stateproxy import Settings, SettingsError, serve_state_proxy
+from mesh_proto import EVENTS, FEATURES_HEADER, BadRequest, encode_key
+from mesh_trio.stateproxy import Settings, SettingsError, _events, serve_state_proxy
 from mesh_trio.stateproxy._errors import PgError
 from mesh_trio.stateproxy._events import NOTIFY_LIMIT, payload_codes
 from mesh_trio.stateproxy._pg import PgPool
@@ -599,3 +600,51 @@ async def test_a_seq_not_handed_out_yet_is_a_gap(start_proxy: Start) -> None:
     (seq,) = await publish(path, "a", (key, {"n": 1}))
     assert await replay(path, key, seq) == ([], False)
     assert await replay(path, key, seq + 10**6) == ([], True)
+
+
+async def test_concurrent_publishing_puts_commit_in_groups_and_fail_alone(
+    start_proxy: Start, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One commit at a time: while the first request's commit is out, the other nine queue up
+    # and go as one group, which holds a write PostgreSQL refuses (a NUL in jsonb) and one
+    # whose guard fails. Only those two fail; the others commit, in the order they came.
+    monkeypatch.setattr(_events, "MAX_COMMITS", 1)
+    await start_proxy()  # the tables
+    bus = _events.EventBus(PgPool(pg_url, max_size=2))
+    await bus.ensure_schema()
+    shared, guarded, refused = unique("shared"), unique("guarded"), unique("refused")
+    outcomes: dict[int, object] = {}
+    arrived: list[int] = []  # the order the calls were made (trio starts tasks in any order)
+
+    async def put(index: int, key: str, value: object, status: str | None = None) -> None:
+        body = json.dumps({"value": value, "event": {"n": index}}).encode()
+        arrived.append(index)
+        try:
+            outcomes[index] = await bus.put_publish(
+                key, body, "o1", f'{{"n":{index}}}', status=status
+            )
+        except BadRequest as exc:
+            outcomes[index] = exc
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put, 0, unique("first"), {"n": 0})
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(1, 8):
+                nursery.start_soon(put, index, shared, {"n": index})
+            nursery.start_soon(put, 8, guarded, {"n": 8}, "running")  # no such key: no write
+            nursery.start_soon(put, 9, refused, "\u0000")
+        assert bus.groups == 1
+        assert outcomes[8] is None
+        assert isinstance(outcomes[9], BadRequest)
+        seqs = [outcomes[index] for index in arrived if index < 8]
+        assert all(isinstance(seq, int) for seq in seqs) and seqs == sorted(seqs)
+        rows = await bus.pool.execute(
+            b"SELECT value::text FROM kv WHERE key = $1", [shared.encode()]
+        )
+        last = [index for index in arrived if 1 <= index < 8][-1]
+        assert json.loads(rows.values[0] or b"") == {"n": last}  # the last one came last
+        missing = await bus.pool.execute(b"SELECT 1 FROM kv WHERE key = $1", [refused.encode()])
+        assert missing.values == ()
+    finally:
+        bus.pool.close()

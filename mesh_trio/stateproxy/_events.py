@@ -11,9 +11,10 @@
 # then draws one `nextval` per event in the order given, inserts the rows and calls `pg_notify`
 # once per payload. Holding the key's lock from `nextval` to the commit is what makes seq order
 # the commit order of one key's events, which NOTIFY preserves (PostgreSQL delivers
-# notifications in commit order). A publishing PUT is two statements in one round trip and one
-# transaction (`PgPool.execute_pipeline`): the key's lock; then the seq, the guarded write, the
-# insert and the NOTIFY in one statement, so the event exists exactly when the write happened.
+# notifications in commit order). Publishing PUTs are committed in groups, each in one round
+# trip and one transaction (`PgPool.execute_pipeline`): the keys' locks; then per PUT the seq,
+# the guarded write, the insert and the NOTIFY in one statement, so an event exists exactly
+# when its write happened (`EventBus._commit_next`).
 #
 # A NOTIFY payload (< 8000 bytes) holds lines separated by ``\n``: a watch line as it will be
 # sent (``{"seq":...}``), or, for a line too long to fit, its seq in decimal; the listening
@@ -67,6 +68,9 @@ MAX_BEHIND = 64 * 1024 * 1024
 #: Longest wait of a new watch for the LISTEN connection, in seconds (then 503).
 LISTEN_WAIT = 5.0
 _BACKOFF = (0.1, 5.0)
+#: Publishing PUTs committed in one transaction at most, and such transactions at once.
+MAX_GROUP = 32
+MAX_COMMITS = 4
 _TRIM_SWEEP_TURNS = 60
 _SEQ_DIGITS = 19  # the most a bigint takes in decimal
 
@@ -117,8 +121,12 @@ _PUBLISH = (
     b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
     b"FROM payloads"
 )
-# A publishing PUT's first statement: the key's lock, held to the commit (see `put_publish`).
-_LOCK_KEY = b"SELECT pg_advisory_xact_lock($1::int, $2::int)"
+# A group of publishing PUTs starts with the locks of its keys, held to the commit (see
+# `EventBus._commit_next`): $1 the lock namespace, $2 the sorted lock ids.
+_LOCK_KEYS = (
+    b"SELECT count(pg_advisory_xact_lock($1::int, h::int)) "
+    b"FROM json_array_elements_text($2::json) AS h"
+)
 _REPLAY = (
     f"SELECT '{{\"events\":[' || coalesce((SELECT string_agg({_LINE}, ',' ORDER BY seq) "
     "FROM events WHERE key = $1 AND seq > $2::bigint), '') || '],\"gap\":' || "
@@ -301,6 +309,17 @@ class _Watcher:
 
 
 @attrs.define(eq=False)
+class _Write:
+    """A publishing PUT waiting for its commit (`EventBus.put_publish`), and its outcome."""
+
+    key: str
+    step: tuple[bytes, Sequence[bytes], bytes]  # its statement, parameters and name
+    done: trio.Event = attrs.field(factory=trio.Event)
+    seq: int | None = None
+    error: Exception | None = None
+
+
+@attrs.define(eq=False)
 class EventBus:
     """The event bus of one proxy over `pool` (module comment).
 
@@ -323,6 +342,11 @@ class EventBus:
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _touched: set[str] = attrs.field(factory=set, init=False)
+    # Publishing PUTs waiting to be committed, commits in flight, and the event set as one ends.
+    _writes: list[_Write] = attrs.field(factory=list, init=False)
+    _committing: int = attrs.field(default=0, init=False)
+    _turn: trio.Event = attrs.field(factory=trio.Event, init=False)
+    groups: int = attrs.field(default=0, init=False)
 
     @property
     def watchers(self) -> int:
@@ -421,18 +445,75 @@ class EventBus:
         ).encode()
         params = (key.encode(), body, *guards, origin.encode(), event_json.encode())
         params += (self.channel.encode(), b"true" if ref else b"false", rest.encode())
-        lock = (str(self._lock_ns).encode(), str(_lock_id(key)).encode())
+        job = _Write(key, (sql, params, name + b"_publish"))
+        self._writes.append(job)
         try:
-            _, written = await self.pool.execute_pipeline(
-                [(_LOCK_KEY, lock, b"sp_events_lock"), (sql, params, name + b"_publish")]
-            )
-        except PgError as exc:
-            raise client_error(exc, "invalid JSON body") from None
-        if not written.values:
+            while not job.done.is_set():
+                if self._writes and self._committing < MAX_COMMITS:
+                    await self._commit_next()
+                elif self._writes:
+                    await self._turn.wait()  # every commit slot is busy: wait for one
+                else:
+                    await job.done.wait()  # in a commit another request leads
+        finally:
+            if not job.done.is_set() and job in self._writes:
+                self._writes.remove(job)  # cancelled while it waited: never sent
+        if job.error is not None:
+            raise job.error
+        if job.seq is None:
             return None  # a guard failed: nothing written, nothing published
         self._touched.add(key)
         self.published += 1
-        return int(written.values[0] or b"0")
+        return job.seq
+
+    async def _commit_next(self) -> None:
+        """Commit the oldest waiting writes (at most `MAX_GROUP`) in one transaction, in one
+        round trip: every key's lock first (sorted, as `publish` takes them), then each write
+        in the order the requests came, so the seqs of one key follow that order. A guard
+        that fails fails its own write only. A write PostgreSQL refuses would roll back the
+        whole group: then each write of the group is committed alone, so that only the one
+        refused fails. Whatever else goes wrong fails the whole group."""
+        group, self._writes = self._writes[:MAX_GROUP], self._writes[MAX_GROUP:]
+        self._committing += 1
+        try:
+            if len(group) > 1:
+                self.groups += 1
+            try:
+                await self._commit(group)
+            except PgError as exc:
+                if len(group) == 1:
+                    group[0].error = client_error(exc, "invalid JSON body")
+                else:
+                    for write in group:
+                        try:
+                            await self._commit([write])
+                        except PgError as alone:
+                            write.error = client_error(alone, "invalid JSON body")
+                        except StoreUnavailable as unavailable:
+                            write.error = unavailable
+            except StoreUnavailable as exc:
+                for write in group:
+                    write.error = exc
+        except BaseException:
+            for write in group:  # cancelled midway: the transaction is rolled back
+                if write.error is None and write.seq is None:
+                    write.error = StoreUnavailable("the state proxy is shutting down")
+            raise
+        finally:
+            self._committing -= 1
+            for write in group:
+                write.done.set()
+            self._turn.set()
+            self._turn = trio.Event()
+
+    async def _commit(self, group: list[_Write]) -> None:
+        ids = sorted({_lock_id(write.key) for write in group})
+        lock = (str(self._lock_ns).encode(), _encode(ids).encode())
+        results = await self.pool.execute_pipeline(
+            [(_LOCK_KEYS, lock, b"sp_events_lock_keys"), *(write.step for write in group)]
+        )
+        for write, written in zip(group, results[1:], strict=True):
+            write.seq = int(written.values[0] or b"0") if written.values else None
 
     async def replay(self, key: str, after: int) -> bytes:
         """The reply body of ``GET /events/{key}?after=N``: ``{"events": [...], "gap": G}``."""
