@@ -19,7 +19,7 @@ from tests.lean_helpers import WAIT, Client, request
 from tests.test_lean_fuzz import VALID, mutated
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -64,14 +64,8 @@ async def _check(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
 
 
 @FUZZ
-@given(data=st.binary(max_size=600))
-async def test_random_bytes(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
-    await _check(data, caplog)
-
-
-@FUZZ
-@given(data=mutated())
-async def test_mutated_valid_requests(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
+@given(data=st.binary(max_size=600) | mutated())
+async def test_random_and_mutated_bytes(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
     await _check(data, caplog)
 
 
