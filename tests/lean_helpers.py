@@ -249,3 +249,15 @@ def request(method: str = "GET", target: str = "/", body: bytes = b"", headers: 
     if body:
         head += f"Content-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
+
+
+async def statuses_after(client: Client, data: bytes) -> list[int]:
+    """Send `data`, then EOF; the status of every response until the server closes."""
+    await client.send(data)
+    await client.stream.send_eof()
+    statuses = []
+    while True:
+        try:
+            statuses.append((await client.response()).status)
+        except EOFError:
+            return statuses

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh_trio._lean import Reply, Request
-from tests.lean_helpers import WAIT, request, running
+from tests.lean_helpers import WAIT, request, running, statuses_after
 
 VALID = [
     request("GET", "/a?b=1"),
@@ -67,14 +67,7 @@ async def _check(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
     async with running(echo, header_timeout=2.0) as server:
         client = await server.connect()
         with trio.fail_after(WAIT):
-            await client.send(data)
-            await client.stream.send_eof()
-            statuses = []
-            while True:
-                try:
-                    statuses.append((await client.response()).status)
-                except EOFError:
-                    break
+            statuses = await statuses_after(client, data)
         assert all(status in (100, 200, 400, 408, 413, 431, 505) for status in statuses)
         # The server is still up, and serves a well-formed request on a new connection.
         client = await server.connect()

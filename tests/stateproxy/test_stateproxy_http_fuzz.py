@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh_trio.stateproxy._http import HttpServer, Request, Response
-from tests.lean_helpers import WAIT, Client, request
+from tests.lean_helpers import WAIT, Client, request, statuses_after
 from tests.test_lean_fuzz import VALID, mutated
 
 FUZZ = settings(
@@ -45,14 +45,7 @@ async def _check(data: bytes, caplog: pytest.LogCaptureFixture) -> None:
         await nursery.start(partial(server.serve, listener))
         with trio.fail_after(WAIT):
             client = Client(await trio.open_tcp_stream("127.0.0.1", port))
-            await client.send(data)
-            await client.stream.send_eof()
-            statuses = []
-            while True:
-                try:
-                    statuses.append((await client.response()).status)
-                except EOFError:
-                    break
+            statuses = await statuses_after(client, data)
             await client.aclose()
             assert all(status in (100, 200, 400, 413, 431) for status in statuses)
             client = Client(await trio.open_tcp_stream("127.0.0.1", port))
