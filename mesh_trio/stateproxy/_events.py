@@ -550,14 +550,6 @@ class EventBus:
         finally:
             self._watchers.discard(watcher)
 
-    def _lock_and_seqs(self, locks: Sequence[int], count: int) -> bytes:
-        ids = ",".join(map(str, locks))
-        return (
-            f"SELECT count(pg_advisory_xact_lock({self._lock_ns}, h)) "
-            f"FROM unnest('{{{ids}}}'::int[]) AS h; "
-            f"SELECT nextval('{_SEQUENCE}') FROM generate_series(1, {count})"
-        ).encode()
-
     def _set_live(self, live: bool) -> None:
         self._live = live
         self._changed.set()

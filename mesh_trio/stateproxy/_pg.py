@@ -34,7 +34,7 @@ import logging
 import re
 import select
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import attrs
@@ -117,21 +117,30 @@ class _Conn:
 
     async def run(self, sql: bytes, params: Sequence[bytes], name: bytes | None) -> pq.abc.PGresult:
         pg = self.pgconn
-        types = [_TEXT_OID] * len(params)
         formats = [_BINARY] * len(params)
-        if name is not None and name not in self.prepared:
-            pg.send_prepare(name, sql, param_types=types)
-            await self._flush()
-            result = await self._collect()
-            if result.status != pq.ExecStatus.COMMAND_OK:
-                return result
-            self.prepared.add(name)
         if name is not None:
+            refused = await self._prepare(name, sql, len(params))
+            if refused is not None:
+                return refused
             pg.send_query_prepared(name, params, param_formats=formats)
         else:
+            types = [_TEXT_OID] * len(params)
             pg.send_query_params(sql, params, param_types=types, param_formats=formats)
         await self._flush()
         return await self._collect()
+
+    async def _prepare(self, name: bytes, sql: bytes, count: int) -> pq.abc.PGresult | None:
+        """Prepare `sql` as `name` (`count` text parameters) unless this connection has; the
+        error result if PostgreSQL refused it, else None. A round trip, once per connection."""
+        if name in self.prepared:
+            return None
+        self.pgconn.send_prepare(name, sql, param_types=[_TEXT_OID] * count)
+        await self._flush()
+        result = await self._collect()
+        if result.status != pq.ExecStatus.COMMAND_OK:
+            return result
+        self.prepared.add(name)
+        return None
 
     async def run_pipeline(
         self, steps: Sequence[tuple[bytes, Sequence[bytes], bytes]]
@@ -140,14 +149,10 @@ class _Conn:
         round trip and one implicit transaction (committed at the Sync, or rolled back whole
         if a statement fails: the rest are then skipped). Each step's result, as `run`'s."""
         pg = self.pgconn
-        for sql, params, name in steps:  # preparing is a round trip, once per connection
-            if name not in self.prepared:
-                pg.send_prepare(name, sql, param_types=[_TEXT_OID] * len(params))
-                await self._flush()
-                result = await self._collect()
-                if result.status != pq.ExecStatus.COMMAND_OK:
-                    return [result]
-                self.prepared.add(name)
+        for sql, params, name in steps:
+            refused = await self._prepare(name, sql, len(params))
+            if refused is not None:
+                return [refused]
         # On an error or cancellation midway the caller closes the connection (`_connection`),
         # so only a complete exchange leaves pipeline mode.
         pg.enter_pipeline_mode()
@@ -156,20 +161,22 @@ class _Conn:
         pg.pipeline_sync()
         await self._flush()
         results = [await self._collect() for _ in steps]
-        while (await self._next_result()).status != pq.ExecStatus.PIPELINE_SYNC:
-            pass
+        while True:
+            sync = await self._next_result()
+            if sync is None:
+                raise psycopg.OperationalError("no result from the server")
+            if sync.status == pq.ExecStatus.PIPELINE_SYNC:
+                break
         pg.exit_pipeline_mode()
         return results
 
-    async def _next_result(self) -> pq.abc.PGresult:
+    async def _next_result(self) -> pq.abc.PGresult | None:
+        """The next result, read as it arrives (None: the statement's results are over)."""
         pg = self.pgconn
         while pg.is_busy():
             await trio.lowlevel.wait_readable(self.fileno)
             pg.consume_input()
-        result = pg.get_result()
-        if result is None:
-            raise psycopg.OperationalError("no result from the server")
-        return result
+        return pg.get_result()
 
     async def run_script(self, sql: bytes) -> pq.abc.PGresult:
         self.pgconn.send_query(sql)
@@ -182,13 +189,9 @@ class _Conn:
 
     async def _collect(self) -> pq.abc.PGresult:
         """Read every result of the statement; return the first error, else the last result."""
-        pg = self.pgconn
         kept: pq.abc.PGresult | None = None
         while True:
-            while pg.is_busy():
-                await trio.lowlevel.wait_readable(self.fileno)
-                pg.consume_input()
-            result = pg.get_result()
+            result = await self._next_result()
             if result is None:
                 break
             if kept is None or kept.status != pq.ExecStatus.FATAL_ERROR:
@@ -269,8 +272,13 @@ class PgPool:
             StoreUnavailable: no connection could be had or it broke, or the statement timed out.
             PgError: PostgreSQL rejected the statement.
         """
+
+        async def run(conn: _Conn) -> list[pq.abc.PGresult]:
+            return [await conn.run(sql, params, name)]
+
         try:
-            return await self._execute(sql, params, name, retry)
+            (rows,) = await self._execute(run, retry)
+            return rows
         except StoreUnavailable as exc:
             self._unavailable(exc)
             raise
@@ -321,23 +329,10 @@ class PgPool:
             PgError: a statement failed (none of them took effect).
         """
         try:
-            async with self._connection() as conn:
-                try:
-                    with _deadline(self.statement_timeout):
-                        results = await conn.run_pipeline(steps)
-                except psycopg.OperationalError as exc:
-                    lost: str | None = _first_line(str(exc))
-                else:
-                    lost = None if conn.reusable() else _first_line(_message(results[-1]))
-                if lost is not None:
-                    raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
-            for result in results:
-                self._check(result)
+            return await self._execute(lambda conn: conn.run_pipeline(steps), retry=False)
         except StoreUnavailable as exc:
             self._unavailable(exc)
             raise
-        self._recovered()
-        return [_rows(result) for result in results]
 
     async def execute_script(self, sql: bytes) -> None:
         """Run statements separated by semicolons (simple protocol, no parameters).
@@ -355,25 +350,28 @@ class PgPool:
         self._check(result)
 
     async def _execute(
-        self, sql: bytes, params: Sequence[bytes], name: bytes | None, retry: bool
-    ) -> Rows:
+        self, run: Callable[[_Conn], Awaitable[list[pq.abc.PGresult]]], retry: bool
+    ) -> list[Rows]:
+        """The rows of each result `run` gets on a pooled connection (once more on a fresh
+        one with `retry`, if the connection broke under it)."""
         for attempt in (1, 2):
             async with self._connection() as conn:
                 try:
                     with _deadline(self.statement_timeout):
-                        result = await conn.run(sql, params, name)
+                        results = await run(conn)
                 except psycopg.OperationalError as exc:
                     lost: str | None = _first_line(str(exc))
                 else:
                     # A FATAL result on a connection that went bad: the backend died under us.
-                    lost = None if conn.reusable() else _first_line(_message(result))
+                    lost = None if conn.reusable() else _first_line(_message(results[-1]))
             if lost is None:
                 break
             if not (retry and attempt == 1):
                 raise StoreUnavailable(f"connection to PostgreSQL lost: {lost}")
-        self._check(result)
+        for result in results:
+            self._check(result)
         self._recovered()
-        return _rows(result)
+        return [_rows(result) for result in results]
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when they come back."""
