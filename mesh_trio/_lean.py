@@ -408,7 +408,6 @@ class _Connection:
     async def _serve(self) -> None:
         """Serve requests until the connection is to close (then return) or the client left."""
         server = self.server
-        sock = self.sock
         idle_deadline = time.monotonic() + server.keepalive_timeout
         while True:
             if self.in_message:
@@ -423,13 +422,9 @@ class _Connection:
             self.idle = False
             if self.scope.cancel_called:
                 return  # cancelled while the wake-up was on its way: as if it came late
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                self.readable = False
+            data = self._recv()
+            if data is None:
                 continue
-            if len(data) < RECEIVE_SIZE:
-                self.readable = self.hangup
             if not data:
                 raise ConnectionResetError  # the client closed: nothing left to answer
             upgrade = False
@@ -499,17 +494,24 @@ class _Connection:
         self.reader = None
         return trio.lowlevel.Abort.SUCCEEDED
 
+    def _recv(self) -> bytes | None:
+        """What the socket has now (b"" at EOF; None: nothing yet), keeping `readable` true
+        only while more may be waiting (`_Readiness`)."""
+        try:
+            data = self.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            self.readable = False
+            return None
+        if len(data) < RECEIVE_SIZE:
+            self.readable = self.hangup
+        return data
+
     async def _receive(self) -> bytes:
         while True:
             await self._wait_readable()
-            try:
-                data = self.sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                self.readable = False
-                continue
-            if len(data) < RECEIVE_SIZE:
-                self.readable = self.hangup
-            return data
+            data = self._recv()
+            if data is not None:
+                return data
 
     async def _handle_ready(self, out: list[bytes]) -> bool:
         """Handle the parsed requests in order, their replies appended to `out`; False once
@@ -742,35 +744,23 @@ async def serve_lean(
         stats if stats is not None else ListenerStats(),
         error_headers,
     )
-    try:
-        await _serve_lean(server, listeners, graceful_timeout, shutdown_trigger, task_status)
-    finally:
-        server.readiness.close()
-
-
-async def _serve_lean(
-    server: _Server,
-    listeners: Sequence[trio.SocketListener],
-    graceful_timeout: float,
-    shutdown_trigger: Callable[[], Awaitable[object]] | None,
-    task_status: trio.TaskStatus[None],
-) -> None:
-    async with trio.open_nursery() as timers:
-        timers.start_soon(server.reap)
-        timers.start_soon(server.readiness.run)
-        async with trio.open_nursery() as connections:
-            try:
-                async with trio.open_nursery() as accepting:
+    with contextlib.closing(server.readiness):  # once every task using it is done
+        async with trio.open_nursery() as timers:
+            timers.start_soon(server.reap)
+            timers.start_soon(server.readiness.run)
+            async with trio.open_nursery() as connections:
+                try:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(_accept, listener, connections, server)
+                        task_status.started()
+                        if shutdown_trigger is None:
+                            await trio.sleep_forever()
+                        await shutdown_trigger()
+                        accepting.cancel_scope.cancel()
+                finally:
                     for listener in listeners:
-                        accepting.start_soon(_accept, listener, connections, server)
-                    task_status.started()
-                    if shutdown_trigger is None:
-                        await trio.sleep_forever()
-                    await shutdown_trigger()
-                    accepting.cancel_scope.cancel()
-            finally:
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-            server.drain()
-            connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
-        timers.cancel_scope.cancel()
+                        await trio.aclose_forcefully(listener)
+                server.drain()
+                connections.cancel_scope.deadline = trio.current_time() + graceful_timeout
+            timers.cancel_scope.cancel()
