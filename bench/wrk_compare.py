@@ -1,11 +1,13 @@
 # Request throughput with a C-speed load generator: wrk (Debian package `wrk`) instead of our
 # Python loadgen, so that the load side can never be what limits a fast server.
 #
-# For each target (a server of the contract: ours on either listener, the Starlette/uvicorn
-# yardstick) and each scenario, wrk runs pinned to core 1 while the server is pinned to core 0;
-# targets are interleaved run by run (A B A B ...) and the ones not measured are paused with
-# SIGSTOP, as in bench/run.py (whose server helpers this reuses). Reported per (target,
-# scenario), medians of the runs: requests/s, requests per server CPU second, server CPU %,
+# For each target and each scenario, wrk runs pinned to core 1 while the server is pinned to
+# core 0. Targets: ours on either listener (`lean`, `hypercorn`), the Starlette/uvicorn
+# yardstick (`starlette`), and `proxy`: ours on lean through `asya-state-proxy` in a schema of
+# its own, the proxy on core 0 too and counted in the server's CPU. Targets are interleaved run
+# by run (A B A B ...) and the ones not measured are paused with SIGSTOP, as in bench/run.py
+# (whose server helpers this reuses). Reported per (target, scenario), medians of the runs:
+# requests/s, requests per server CPU second, server CPU %,
 # wrk's own CPU %, and non-2xx replies (must be 0).
 #
 #   create   POST {prefix}/mesh/?actor=bench  {"payload":{"n":1}}            (external port)
@@ -93,6 +95,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(server: run.Server) -> float:
+    """CPU seconds of the server and its companions (the state proxy of `proxy`)."""
+    return sum(cpu_seconds(pid) for pid in [server.pid, *server.companions])
+
+
 def children_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -149,20 +156,20 @@ def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Na
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(source)
     before_server, before_wrk, started = (
-        cpu_seconds(server.pid),
+        server_cpu(server),
         children_cpu(os.getpid()),
         time.monotonic(),
     )
     figures = run_wrk(f.name, args.connections, args.duration, f"http://127.0.0.1:{port}{path}")
     wall = time.monotonic() - started
-    server_cpu = cpu_seconds(server.pid) - before_server
+    used_cpu = server_cpu(server) - before_server
     wrk_cpu = children_cpu(os.getpid()) - before_wrk
     os.unlink(f.name)
     rps = figures["requests"] / figures["seconds"]
     return {
         "rps": rps,
-        "per_cpu_s": figures["requests"] / server_cpu if server_cpu else 0.0,
-        "server_cpu_pct": 100 * server_cpu / wall,
+        "per_cpu_s": figures["requests"] / used_cpu if used_cpu else 0.0,
+        "server_cpu_pct": 100 * used_cpu / wall,
         "wrk_cpu_pct": 100 * wrk_cpu / wall,
         "p99_ms": figures["p99_ms"],
         "non2xx": figures["non2xx"],
@@ -202,7 +209,7 @@ def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
     try:
         _wait_for(lambda: all(p.stat().st_size for p in paths), 10, "streams did not start")
         before_server, before_load, started = (
-            cpu_seconds(server.pid),
+            server_cpu(server),
             children_cpu(os.getpid()) + sum(cpu_seconds(c.pid) for c in curls),
             time.monotonic(),
         )
@@ -220,7 +227,7 @@ def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
 
         _wait_for(settled, 30, "tokens still arriving")
         wall = time.monotonic() - started
-        server_cpu = cpu_seconds(server.pid) - before_server
+        used_cpu = server_cpu(server) - before_server
         load_cpu = children_cpu(os.getpid()) + sum(cpu_seconds(c.pid) for c in curls)
         load_cpu -= before_load
     finally:
@@ -232,8 +239,8 @@ def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
     shutil.rmtree(folder)
     return {
         "rps": delivered / figures["seconds"],
-        "per_cpu_s": delivered / server_cpu if server_cpu else 0.0,
-        "server_cpu_pct": 100 * server_cpu / wall,
+        "per_cpu_s": delivered / used_cpu if used_cpu else 0.0,
+        "server_cpu_pct": 100 * used_cpu / wall,
         "wrk_cpu_pct": 100 * load_cpu / wall,
         "p99_ms": figures["p99_ms"],
         "non2xx": figures["non2xx"],
@@ -242,12 +249,22 @@ def measure_tokens(server: run.Server, args: argparse.Namespace) -> dict:
     }
 
 
-def spec(name: str, args: argparse.Namespace) -> run.ServerSpec:
+def start(name: str, args: argparse.Namespace, stack: ExitStack) -> run.Server:
+    """The target `name`, running until `stack` closes."""
     if name == "starlette":
-        return run.starlette_spec()
-    listener = {"lean": "lean", "hypercorn": "hypercorn"}[name]
+        return stack.enter_context(run.running(run.starlette_spec(), run.RESULTS / "wrk-s.log"))
+    listener = {"lean": "lean", "hypercorn": "hypercorn", "proxy": "lean"}[name]
     ours = argparse.Namespace(ours_cmd=args.ours_cmd, ours_env=[f"ASYA_MESH_HTTP={listener}"])
-    return run.ours_spec(name, ours, {})
+    env = {}
+    if name == "proxy":
+        proxy_args = argparse.Namespace(pg_url=run.PG_URL, proxy_core="0")
+        proxy = stack.enter_context(run.state_proxy("wrk-proxy", proxy_args))
+        env["ASYA_STATEPROXY_SOCKET"] = proxy.socket
+    spec = run.ours_spec(name, ours, env)
+    server = stack.enter_context(run.running(spec, run.RESULTS / f"wrk-{name}.log"))
+    if name == "proxy":
+        server.companions.append(proxy.pid)
+    return server
 
 
 def main() -> None:
@@ -266,9 +283,7 @@ def main() -> None:
     with ExitStack() as stack:
         servers = {}
         for name in targets:
-            server = stack.enter_context(
-                run.running(spec(name, args), run.RESULTS / f"wrk-{name}.log")
-            )
+            server = start(name, args, stack)
             servers[name] = (server, create_envelopes(server, 100))
             server.pause()
         for scenario in args.scenarios.split(","):

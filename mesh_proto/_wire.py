@@ -99,13 +99,23 @@ def is_field_name(name: object) -> TypeGuard[str]:
     )
 
 
+# What `quote(text, safe="")` and `urlencode` leave as it is: when a key or a query value is
+# only these (ids, statuses, numbers; a key's slashes aside), the encoders are skipped: they were
+# 3 % of the mesh API's CPU per status event through the state proxy.
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+_UNRESERVED_OR_SLASH = re.compile(r"[A-Za-z0-9_.~/-]*")
+
+
 def encode_key(key: str) -> str:
     """A key as one path segment: every reserved character percent-encoded.
 
     ``.`` and ``..`` are encoded too: as literal segments an HTTP stack would resolve them as
     dot segments (``/keys/..`` is ``/``), and the request would name another resource.
     """
-    segment = quote(key, safe="")
+    if _UNRESERVED_OR_SLASH.fullmatch(key):
+        segment = key.replace("/", "%2F")
+    else:
+        segment = quote(key, safe="")
     if segment in (".", ".."):
         segment = segment.replace(".", "%2E")
     return segment
@@ -114,7 +124,11 @@ def encode_key(key: str) -> str:
 def key_target(key: str, **params: str) -> str:
     """``/keys/{key}`` with the key encoded by `encode_key`, and an optional query string."""
     target = "/keys/" + encode_key(key)
-    return target + ("?" + urlencode(params) if params else "")
+    if not params:
+        return target
+    if all(_UNRESERVED.fullmatch(v) for v in params.values()):
+        return target + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+    return target + "?" + urlencode(params)
 
 
 def decode_key(raw: bytes) -> str:

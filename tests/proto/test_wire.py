@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -69,6 +70,22 @@ def test_encode_key(key: str, segment: str) -> None:
 
 def test_key_target_with_params() -> None:
     assert key_target("m/1", if_status="a b", if_rev="3") == "/keys/m%2F1?if_status=a+b&if_rev=3"
+
+
+# Mostly the characters the encoders leave as they are, so both of `key_target`'s paths are hit.
+PLAIN_OR_NOT = st.text(alphabet=st.sampled_from("aZ09_.~- /+%?&=ü"), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    PLAIN_OR_NOT, st.dictionaries(st.sampled_from(["if_rev", "if_status", "publish"]), PLAIN_OR_NOT)
+)
+def test_key_target_is_what_the_urllib_encoders_give(key: str, params: dict[str, str]) -> None:
+    segment = urllib.parse.quote(key, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    query = "?" + urllib.parse.urlencode(params) if params else ""
+    assert key_target(key, **params) == "/keys/" + segment + query
 
 
 def test_decode_key_decodes_exactly_once_and_keeps_raw_slashes() -> None:
