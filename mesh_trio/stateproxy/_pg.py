@@ -9,10 +9,11 @@
 # `PgPool` keeps up to `max_size` connections and hands out the most recently used idle one,
 # checked without a round trip: an idle connection whose socket is readable has been told
 # something by the server, typically the FATAL a backend sends before it exits
-# (`pg_terminate_backend`, shutdown, restart), so we read it and drop the connection if it went
-# bad. With no idle connection a new one is opened; while PostgreSQL is down that fails at once and
-# the request answers 503. Nothing runs in the background: the next request simply connects again,
-# which is how service resumes after a restart without restarting the proxy. Every wait is bounded
+# (`pg_terminate_backend`, shutdown, restart), so it is dropped (a pooled session LISTENs to
+# nothing: the server has nothing else to tell it). With no idle connection a new one is opened;
+# while PostgreSQL is down that fails at once and the request answers 503. Nothing runs in the
+# background: the next request simply connects again, which is how service resumes after a
+# restart without restarting the proxy. Every wait is bounded
 # (a free slot, connecting, each statement), so a request can fail but never hang.
 #
 # Statements use the extended protocol with every parameter sent as binary `text` (so a NUL in a
@@ -103,14 +104,12 @@ class _Conn:
         """Check an idle connection without a round trip (see the module comment)."""
         if not self.reusable():
             return False
+        # Readable means the server said something to an idle session, or hung up. libpq's
+        # `consume_input` would only buffer a FATAL (it parses later), and the EOF behind it may
+        # not have arrived yet, so the connection would still look fine: drop it either way.
         poller = select.poll()
         poller.register(self.fileno, select.POLLIN)
-        if poller.poll(0):
-            try:
-                self.pgconn.consume_input()
-            except psycopg.OperationalError:
-                return False
-        return self.reusable()
+        return not poller.poll(0)
 
     def close(self) -> None:
         self.pgconn.finish()

@@ -26,11 +26,15 @@ PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
 class Forwarder:
-    """A TCP forwarder to PostgreSQL on 127.0.0.1 that can be stopped, restarted and frozen."""
+    """A TCP forwarder to PostgreSQL on 127.0.0.1 that can be stopped, restarted and frozen,
+    and can hold back PostgreSQL's hang-ups (`hold_hangups`: the bytes before it pass, the
+    client's side stays open; `hangups` counts them)."""
 
     def __init__(self) -> None:
         self.port = 0
         self.frozen = False
+        self.hold_hangups = False
+        self.hangups = 0
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
@@ -58,11 +62,15 @@ class Forwarder:
                 await trio.sleep_forever()
             server = await trio.open_tcp_stream(PG_HOST, PG_PORT)
             async with server, trio.open_nursery() as nursery:
-                nursery.start_soon(self._pipe, client, server, nursery.cancel_scope)
-                nursery.start_soon(self._pipe, server, client, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, client, server, nursery.cancel_scope, False)
+                nursery.start_soon(self._pipe, server, client, nursery.cancel_scope, True)
 
     async def _pipe(
-        self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        scope: trio.CancelScope,
+        from_server: bool,
     ) -> None:
         try:
             while data := await source.receive_some(65536):
@@ -71,6 +79,9 @@ class Forwarder:
                 await sink.send_all(data)
         except trio.BrokenResourceError:
             pass
+        if from_server and self.hold_hangups:
+            self.hangups += 1
+            return  # the client's side closes when the client writes, or the forwarder stops
         scope.cancel()
 
 
@@ -196,6 +207,28 @@ async def test_idle_connections_killed_are_replaced_without_an_error(
     # The dead idle connection is noticed before use: both a read and a write just work.
     assert (await client.get("/keys/k")).status == 200
     assert (await client.put("k", {"v": 2})).status == 204
+
+
+async def test_an_idle_connection_told_fatal_is_dropped_before_its_hangup_arrives(
+    nursery, socket_path, pg_url, pg_admin, app_name, make_client
+) -> None:
+    # A killed backend sends its FATAL, then exits; the EOF can reach the proxy later than the
+    # FATAL. Held here indefinitely: a connection with only the FATAL to read must not be used.
+    forwarder = Forwarder()
+    await forwarder.start(nursery)
+    await start_proxy(nursery, socket_path, forwarded(pg_url, forwarder.port), pool_size=2)
+    client = make_client(socket_path)
+    assert (await client.put("k", {"v": 1})).status == 204
+    opened = backends(pg_admin, app_name)
+    forwarder.hold_hangups = True
+    pg_admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (app_name,),
+    )
+    await wait_until(lambda: forwarder.hangups == opened)
+    # A write is never retried on another connection: it must not be sent on the dead one.
+    assert (await client.put("k", {"v": 2})).status == 204
+    assert (await client.get("/keys/k")).json()["value"] == {"v": 2}
 
 
 async def test_postgres_restart_gives_fast_503_then_recovers(
