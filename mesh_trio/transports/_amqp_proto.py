@@ -26,11 +26,12 @@ messages (below its `capacity`; none free: `publish` returns None and the shell 
 (`multiple` settles every tag up to it; a tag we do not hold is ignored). `Basic.Nack` fails it
 (`DispatchUnavailable`). Messages are `mandatory`: an unroutable one comes back as
 `Basic.Return` (method, content header, body frames) carrying its routing key but no tag.
-RabbitMQ sends a return right before the confirm of the same message, so each return waiting
-when an ack or nack arrives belongs to one of the messages it settles: the one with the ack's own
-tag if its routing key matches, otherwise the oldest settled message with that key. That message
-fails with `ActorNotFound`. A channel the broker closes (a missing exchange: 404) fails its own
-unconfirmed publishes with the broker's reason and is reopened under the same number
+RabbitMQ sends a return before the confirm of the same message, though it may confirm earlier
+tags in between; so each return waiting when an ack or nack arrives is matched to one of the
+messages it settles (the one with the ack's own tag if its routing key matches, otherwise the
+oldest settled message with that key), and one that matches none waits for a later ack. That
+message fails with `ActorNotFound`. A channel the broker closes (a missing exchange: 404) fails
+its own unconfirmed publishes with the broker's reason and is reopened under the same number
 (`ChannelClosed`, later `ChannelOpened`); a connection lost or closed fails every unconfirmed
 publish (`Settled`, counted as `lost`). No publish is ever written twice.
 """
@@ -584,6 +585,7 @@ class ClientConnection:
         else:
             tags = [tag] if tag in pending else []
         returned: set[int] = set()
+        waiting: deque[str] = deque()
         while channel.returned:
             key = channel.returned.popleft()
             if tag in pending and tag not in returned and pending[tag].routing_key == key:
@@ -593,7 +595,10 @@ class ClientConnection:
                 if candidate not in returned and pending[candidate].routing_key == key:
                     returned.add(candidate)
                     break
+            else:
+                waiting.append(key)
         if not tags:
+            channel.returned = waiting
             return
         counters = self.counters
         settled = []
@@ -620,6 +625,12 @@ class ClientConnection:
                 counters.confirmed += 1
                 publication._settle(None)
             settled.append(publication)
+        # A return none of these matched belongs to a message a later ack settles (RabbitMQ
+        # sends each return before its message's ack, but may ack earlier tags in between);
+        # one whose key no unconfirmed message has can match nothing any more.
+        if waiting:
+            keys = {publication.routing_key for publication in pending.values()}
+            channel.returned = deque(key for key in waiting if key in keys)
         events.append(Settled(tuple(settled)))
 
     def _on_channel_close(
