@@ -597,9 +597,6 @@ class ClientConnection:
                     break
             else:
                 waiting.append(key)
-        if not tags:
-            channel.returned = waiting
-            return
         counters = self.counters
         settled = []
         for number in tags:
@@ -631,7 +628,8 @@ class ClientConnection:
         if waiting:
             keys = {publication.routing_key for publication in pending.values()}
             channel.returned = deque(key for key in waiting if key in keys)
-        events.append(Settled(tuple(settled)))
+        if settled:
+            events.append(Settled(tuple(settled)))
 
     def _on_channel_close(
         self, channel: _Channel, frame: commands.Channel.Close, events: list[Event]
