@@ -145,10 +145,13 @@ _PRUNE = (
     f"{_TURN}, "
     f"aged AS (DELETE FROM events WHERE (SELECT mine FROM turn) AND created_at < {_CUTOFF} "
     "RETURNING key, seq), "
-    f"over AS (DELETE FROM events e WHERE (SELECT mine FROM turn) AND e.created_at >= {_CUTOFF} "
-    "AND e.key IN (SELECT json_array_elements_text($4::json)) AND e.seq <= (SELECT s.seq "
-    "FROM events s WHERE s.key = e.key ORDER BY s.seq DESC OFFSET $5::int LIMIT 1) "
-    "RETURNING key, seq), "
+    # The newest seq past the buffer of each touched key, found once per key (a walk of at most
+    # `buffer` index entries), then everything of that key up to it.
+    "over_buffer AS (SELECT k, (SELECT s.seq FROM events s WHERE s.key = k ORDER BY s.seq "
+    "DESC OFFSET $5::int LIMIT 1) AS upto FROM json_array_elements_text($4::json) AS t(k)), "
+    "over AS (DELETE FROM events e USING over_buffer o WHERE (SELECT mine FROM turn) "
+    f"AND e.key = o.k AND e.seq <= o.upto AND e.created_at >= {_CUTOFF} "
+    "RETURNING e.key, e.seq), "
     "trimmed AS (INSERT INTO event_trims AS t (key, upto, at) SELECT key, max(seq), now() FROM "
     "(SELECT * FROM aged UNION ALL SELECT * FROM over) g GROUP BY key ORDER BY key "
     "ON CONFLICT (key) DO UPDATE SET upto = GREATEST(t.upto, EXCLUDED.upto), at = EXCLUDED.at) "
