@@ -53,9 +53,11 @@ from ._wire import (
     FEATURES_HEADER,
     IF_ABSENT,
     MAX_EVENTS,
+    WRITES_TYPE,
     BusEvent,
     Query,
     encode_key,
+    encode_writes,
     event_bytes,
     key_target,
 )
@@ -65,6 +67,7 @@ from ._wire import (
 # one wins by its N-th attempt. The bound is well above the writers one envelope sees at once.
 MAX_ATTEMPTS: Final = 64
 JSON_HEADERS: Final = (("content-type", "application/json"),)
+WRITES_HEADERS: Final = (("content-type", WRITES_TYPE),)
 LIVE_STATUSES: Final = tuple(s.value for s in Status if s not in TERMINAL)
 
 
@@ -135,6 +138,36 @@ def read_published(reply: StoreReply) -> int | None:
     if type(seq) is not int:
         raise StoreProtocolError("state proxy publishing put reply has no seq")
     return seq
+
+
+def writes_request(puts: Sequence[StoreRequest]) -> StoreRequest:
+    """`POST /writes` (our proxy's `WRITES`): the PUTs `puts` in one request, each answered as
+    it would have been alone (`read_writes`)."""
+    body = encode_writes([(put.target, put.body) for put in puts])
+    return StoreRequest(method="POST", target="/writes", headers=WRITES_HEADERS, body=body)
+
+
+def read_writes(reply: StoreReply, count: int) -> list[StoreReply]:
+    """The replies of the `count` PUTs of a `writes_request`, in order, as each PUT's own
+    reply would have been (status, and the body as JSON bytes, or empty).
+
+    Raises:
+        ServiceError: the proxy could not take the request (503).
+        StoreProtocolError: it answered outside the protocol.
+    """
+    if reply.status != 200:
+        raise _fail(reply, "writes")
+    results = _field(reply, "results")
+    if not isinstance(results, list) or len(results) != count:
+        raise StoreProtocolError(f"state proxy writes reply has no {count} results")
+    replies = []
+    for result in results:
+        status = result.get("status") if isinstance(result, dict) else None
+        if type(status) is not int:
+            raise StoreProtocolError("state proxy writes reply has a result without a status")
+        body = result.get("body")
+        replies.append(StoreReply(status=status, body=b"" if body is None else dumps(body)))
+    return replies
 
 
 def events_request(origin: str, events: Sequence[tuple[str, bytes]]) -> StoreRequest:

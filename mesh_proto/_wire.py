@@ -81,12 +81,17 @@ COLUMN_BOUNDS: Final = "columns"
 #: The feature name of the event bus (module comment); `MAX_EVENTS` bounds one `POST /events`.
 EVENTS: Final = "events"
 MAX_EVENTS: Final = 1000
+#: The feature name of batched writes (`POST /writes`, `encode_writes`); `MAX_WRITES` bounds one.
+WRITES: Final = "writes"
+MAX_WRITES: Final = 1000
+WRITES_TYPE: Final = "application/x-asya-writes"
 #: What names a replica on the bus (``origin=``).
 ORIGIN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "count"})
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _DIGITS: Final = re.compile(r"[0-9]+")
+_DIGITS_BYTES: Final = re.compile(rb"[0-9]{1,9}")
 _SORT_HINT: Final = "sort must be a list of field names, each optionally prefixed by '-'"
 
 
@@ -176,6 +181,44 @@ def parse_revision(text: str) -> str:
     if not _DIGITS.fullmatch(text):
         raise BadRequest("if_rev must be a non-negative decimal integer")
     return text.lstrip("0") or "0"
+
+
+def encode_writes(writes: Sequence[tuple[str, bytes]]) -> bytes:
+    """The body of ``POST /writes``: each PUT as its target (as `key_target` builds it, so it
+    holds no space), a space, its body's length in decimal and a line feed, then its body."""
+    parts: list[bytes] = []
+    for target, body in writes:
+        if " " in target or "\n" in target:
+            raise ValueError(f"a write target holds a space or a line feed: {target!r}")
+        parts += (f"{target} {len(body)}\n".encode(), body)
+    return b"".join(parts)
+
+
+def decode_writes(body: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """The PUTs of a ``POST /writes`` body (`encode_writes`): each one's encoded key (the path
+    after ``/keys/``, for `decode_key`), query string (for `decode_query_string`) and body.
+
+    Raises:
+        BadRequest: the framing is broken (a header that is not ``/keys/{key}[?query] N``, a
+            body shorter than its length), or more than `MAX_WRITES` writes.
+    """
+    writes: list[tuple[bytes, bytes, bytes]] = []
+    at, end = 0, len(body)
+    while at < end:
+        if len(writes) == MAX_WRITES:
+            raise BadRequest(f"more than {MAX_WRITES} writes in one request")
+        line_end = body.find(b"\n", at)
+        target, _, size = body[at : max(line_end, at)].rpartition(b" ")
+        path, _, query = target.partition(b"?")
+        if line_end < 0 or not _DIGITS_BYTES.fullmatch(size) or not path.startswith(b"/keys/"):
+            raise BadRequest(f"write {len(writes)}: expected '/keys/{{key}}[?query] length\\n'")
+        if len(path) == len(b"/keys/"):
+            raise BadRequest(f"write {len(writes)}: the key is empty")
+        at = line_end + 1 + int(size)
+        if at > end:
+            raise BadRequest(f"write {len(writes)}: the body is shorter than its length")
+        writes.append((path[len(b"/keys/") :], query, body[line_end + 1 : at]))
+    return writes
 
 
 def error_body(message: str) -> bytes:

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh_proto import EVENTS, FEATURES_HEADER, BadRequest, encode_key
 from mesh_trio.stateproxy import Settings, SettingsError, _events, serve_state_proxy
 from mesh_trio.stateproxy._errors import PgError
-from mesh_trio.stateproxy._events import NOTIFY_LIMIT, payload_codes
+from mesh_trio.stateproxy._events import NOTIFY_LIMIT, PublishWrite, payload_codes
 from mesh_trio.stateproxy._pg import PgPool
 
 pytestmark = pytest.mark.postgres
@@ -620,9 +620,8 @@ async def test_concurrent_publishing_puts_commit_in_groups_and_fail_alone(
         body = json.dumps({"value": value, "event": {"n": index}}).encode()
         arrived.append(index)
         try:
-            outcomes[index] = await bus.put_publish(
-                key, body, "o1", f'{{"n":{index}}}', status=status
-            )
+            write = PublishWrite(key, body, "o1", f'{{"n":{index}}}', status=status)
+            outcomes[index] = await bus.put_publish(write)
         except BadRequest as exc:
             outcomes[index] = exc
 

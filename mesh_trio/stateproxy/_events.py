@@ -51,7 +51,7 @@ from mesh_proto import MAX_EVENTS, BadRequest, is_origin
 
 from ._errors import PgError, StoreUnavailable
 from ._pg import PgPool, Rows
-from ._store import client_error, write_statement
+from ._store import REVISION_TEXT, client_error, text_array, write_statement
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
@@ -121,6 +121,33 @@ _PUBLISH = (
     b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
     b"FROM payloads"
 )
+# Guarded publishing PUTs of distinct keys in one statement (`put_publish_many`): the locks of
+# the keys, then each write (its value is the `value` of its body), then a seq for each write
+# that happened, in the order given, its event stored and NOTIFYed as `_PUBLISH` does. $1 lock
+# namespace, $2 lock ids, $3 key JSON, $4 bodies (text[]), $5 status guards, $6 revision guards
+# (JSON, null where none), $7 event JSON, $8 payload codes, $9 origin, $10 origin JSON,
+# $11 channel. Returns [[position, seq], ...] of the writes made.
+_PUT_PUBLISH_MANY = (
+    "WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock($1::int, h::int)) AS n "
+    "FROM json_array_elements_text($2::json) AS h), "
+    "w AS MATERIALIZED (SELECT k, k #>> '{}' AS key, b, s, r, e, c::int AS c, i "
+    "FROM locks, ROWS FROM (json_array_elements($3::json), unnest($4::text[]), "
+    "json_array_elements_text($5::json), json_array_elements_text($6::json), "
+    "json_array_elements($7::json), json_array_elements_text($8::json)) "
+    "WITH ORDINALITY AS t(k, b, s, r, e, c, i) WHERE locks.n >= 0), "
+    "up AS (UPDATE kv SET value = w.b::jsonb -> 'value', updated_at = now() FROM w "
+    "WHERE kv.key = w.key AND (w.s IS NULL OR value->>'status' = w.s) "
+    f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.i), "
+    f"items AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq, w.k, w.key, w.e, w.c, w.i "
+    "FROM w JOIN up ON up.i = w.i ORDER BY w.i), "
+    "ins AS (INSERT INTO events (seq, key, origin, event) SELECT seq, key, $9, e::text "
+    "FROM items), "
+    "payloads AS (SELECT c / 2 AS g, string_agg(CASE WHEN c % 2 = 1 THEN seq::text ELSE "
+    "'{\"seq\":' || seq || ',\"key\":' || k::text || ',\"origin\":' || $10 || ',\"event\":' "
+    "|| e::text || '}' END, E'\\n' ORDER BY i) AS p FROM items GROUP BY c / 2 ORDER BY c / 2) "
+    "SELECT coalesce((SELECT json_agg(json_build_array(i, seq) ORDER BY i) FROM items), "
+    "'[]')::text, count(pg_notify($11, p)) FROM payloads"
+).encode()
 # A group of publishing PUTs starts with the locks of its keys, held to the commit (see
 # `EventBus._commit_next`): $1 the lock namespace, $2 the sorted lock ids.
 _LOCK_KEYS = (
@@ -311,6 +338,20 @@ class _Watcher:
                     await write(b"\n")
 
 
+@attrs.frozen
+class PublishWrite:
+    """A publishing PUT: its key, its body (``{"value": V, "event": E}``, checked by
+    `parse_publish`), the replica that publishes, the event's JSON, and the PUT's guards."""
+
+    key: str
+    body: bytes
+    origin: str
+    event: str
+    status: str | None = None
+    revision: str | None = None
+    absent: bool = False
+
+
 @attrs.define(eq=False)
 class _Write:
     """A publishing PUT waiting for its commit (`EventBus.put_publish`), and its outcome."""
@@ -413,42 +454,16 @@ class EventBus:
         self.published += len(seqs)
         return seqs
 
-    async def put_publish(
-        self,
-        key: str,
-        body: bytes,
-        origin: str,
-        event_json: str,
-        *,
-        status: str | None = None,
-        revision: str | None = None,
-        absent: bool = False,
-    ) -> int | None:
-        """Write the `value` of `body` (checked by `parse_publish`) at `key` as a PUT with
-        these guards would and, only if written, publish the event, in one transaction. The
-        event's seq, or None if a guard failed (nothing written, nothing published).
+    async def put_publish(self, write: PublishWrite) -> int | None:
+        """Write the `value` of `write.body` (checked by `parse_publish`) at `write.key` as a
+        PUT with its guards would and, only if written, publish its event, in one transaction.
+        The event's seq, or None if a guard failed (nothing written, nothing published).
 
         Raises:
             StoreUnavailable, BadRequest: as for `publish` (BadRequest also for a value
                 PostgreSQL refuses).
         """
-        write, name, guards = write_statement(status=status, revision=revision, absent=absent)
-        first = 3 + len(guards)
-        # The seq is drawn after the key's lock (the first statement), in the same transaction
-        # as the write; the watch line is built around it by PostgreSQL, or is just the seq
-        # when a line with the longest seq would not fit a NOTIFY.
-        rest = _line(0, _key_json(key), _encode(origin), event_json)[len('{"seq":0') :]
-        ref = len(rest) + len('{"seq":') + _SEQ_DIGITS >= NOTIFY_LIMIT
-        sql = (
-            f"WITH s AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq), "
-            f"w AS ({value_of_body(write)} RETURNING 1), ins AS (INSERT INTO events "
-            f"(seq, key, origin, event) SELECT s.seq, $1, ${first}, ${first + 1} FROM w, s) "
-            f"SELECT s.seq::text, pg_notify(${first + 2}, CASE WHEN ${first + 3}::bool "
-            f"THEN s.seq::text ELSE '{{\"seq\":' || s.seq || ${first + 4} END) FROM w, s"
-        ).encode()
-        params = (key.encode(), body, *guards, origin.encode(), event_json.encode())
-        params += (self.channel.encode(), b"true" if ref else b"false", rest.encode())
-        job = _Write(key, (sql, params, name + b"_publish"))
+        job = self._job(write)
         self._writes.append(job)
         try:
             while not job.done.is_set():
@@ -465,9 +480,70 @@ class EventBus:
             raise job.error
         if job.seq is None:
             return None  # a guard failed: nothing written, nothing published
-        self._touched.add(key)
+        self._touched.add(write.key)
         self.published += 1
         return job.seq
+
+    async def put_publish_many(self, writes: Sequence[PublishWrite]) -> list[int | None]:
+        """`put_publish` for each of `writes` (distinct keys, each with a status or revision
+        guard, none `absent`) in one statement: each one's seq, in the order given, or None.
+
+        Raises:
+            StoreUnavailable: as for `publish` (nothing was written).
+            BadRequest: PostgreSQL refused a value or a key (nothing was written).
+        """
+        if not writes:
+            return []
+        origin = writes[0].origin
+        assert all(w.origin == origin and not w.absent for w in writes), "one origin, guards"
+        origin_json = _encode(origin)
+        keys = [_key_json(w.key) for w in writes]
+        fixed = len(_line(0, "", origin_json, "")) - 1 + _SEQ_DIGITS
+        sizes = [fixed + len(k) + len(w.event) for k, w in zip(keys, writes, strict=True)]
+        codes = payload_codes(sizes)
+        params = (
+            str(self._lock_ns).encode(),
+            _encode(sorted({_lock_id(w.key) for w in writes})).encode(),
+            ("[" + ",".join(keys) + "]").encode(),
+            text_array(w.body for w in writes),
+            _encode([w.status for w in writes]).encode(),
+            _encode([w.revision for w in writes]).encode(),
+            ("[" + ",".join(w.event for w in writes) + "]").encode(),
+            _encode(codes).encode(),
+            origin.encode(),
+            origin_json.encode(),
+            self.channel.encode(),
+        )
+        try:
+            rows = await self.pool.execute(_PUT_PUBLISH_MANY, params, name=b"sp_put_publish_many")
+        except PgError as exc:
+            raise client_error(exc, "invalid JSON body") from None
+        seqs: dict[int, int] = dict(json.loads(rows.values[0] or b"[]"))
+        self._touched.update(writes[i - 1].key for i in seqs)
+        self.published += len(seqs)
+        return [seqs.get(i) for i in range(1, len(writes) + 1)]
+
+    def _job(self, write: PublishWrite) -> _Write:
+        key = write.key
+        statement, name, guards = write_statement(
+            status=write.status, revision=write.revision, absent=write.absent
+        )
+        first = 3 + len(guards)
+        # The seq is drawn after the key's lock (the first statement), in the same transaction
+        # as the write; the watch line is built around it by PostgreSQL, or is just the seq
+        # when a line with the longest seq would not fit a NOTIFY.
+        rest = _line(0, _key_json(key), _encode(write.origin), write.event)[len('{"seq":0') :]
+        ref = len(rest) + len('{"seq":') + _SEQ_DIGITS >= NOTIFY_LIMIT
+        sql = (
+            f"WITH s AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq), "
+            f"w AS ({value_of_body(statement)} RETURNING 1), ins AS (INSERT INTO events "
+            f"(seq, key, origin, event) SELECT s.seq, $1, ${first}, ${first + 1} FROM w, s) "
+            f"SELECT s.seq::text, pg_notify(${first + 2}, CASE WHEN ${first + 3}::bool "
+            f"THEN s.seq::text ELSE '{{\"seq\":' || s.seq || ${first + 4} END) FROM w, s"
+        ).encode()
+        params = (key.encode(), write.body, *guards, write.origin.encode(), write.event.encode())
+        params += (self.channel.encode(), b"true" if ref else b"false", rest.encode())
+        return _Write(key, (sql, params, name + b"_publish"))
 
     async def _commit_next(self) -> None:
         """Commit the oldest waiting writes (at most `MAX_GROUP`) in one transaction, in one

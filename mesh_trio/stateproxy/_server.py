@@ -44,10 +44,12 @@ from mesh_proto import (
     FEATURES_HEADER,
     IF_ABSENT,
     REV_GUARD,
+    WRITES,
     BadRequest,
     ProtocolError,
     decode_key,
     decode_query_string,
+    decode_writes,
     error_body,
     is_origin,
     parse_after,
@@ -55,13 +57,13 @@ from mesh_proto import (
 )
 
 from ._errors import Conflict, StartupError, StoreUnavailable
-from ._events import Batch, EventBus, parse_publish
+from ._events import Batch, EventBus, PublishWrite, parse_publish
 from ._http import HttpServer, Request, Response
 from ._metrics import ProxyMetrics, serve_metrics
 from ._pg import PgPool
 from ._query import compile_delete, compile_query
 from ._settings import check_indexes, check_pg_url
-from ._store import Database, KvStore
+from ._store import Database, GuardedWrite, KvStore
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
@@ -81,12 +83,13 @@ DEFAULT_EVENT_AGE = 60.0
 
 #: What this proxy adds to the Asya protocol, as its health reply lists them (`EVENTS` only
 #: over PostgreSQL through our own pool, which the bus needs).
-FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT, COLUMN_BOUNDS, EVENTS)
+FEATURES = (REV_GUARD, DELETE_QUERY, IF_ABSENT, COLUMN_BOUNDS, WRITES, EVENTS)
 
 _KEYS = b"/keys/"
 _EVENTS = b"/events"
 _WATCH = b"/events/watch"
 _EVENTS_OF = b"/events/"
+_WRITES = b"/writes"
 _NO_CONTENT = Response(status=204)
 _OK_HEAD = Response(status=200)
 _NDJSON = b"application/x-ndjson"
@@ -151,6 +154,10 @@ class Router:
                     return _not_allowed((b"POST",))
                 deleted = await self.store.delete_matching(compile_delete(request.body))
                 return Response(status=200, body=b'{"deleted":%d}' % deleted)
+            if path == _WRITES:
+                if method != b"POST":
+                    return _not_allowed((b"POST",))
+                return await self._writes(decode_writes(request.body))
             if path == b"/healthz":
                 if method not in (b"GET", b"HEAD"):
                     return _not_allowed((b"GET", b"HEAD"))
@@ -178,16 +185,22 @@ class Router:
             if await store.delete(key):
                 return _NO_CONTENT
             return Response(status=404, body=error_body("not found"))
-        params = decode_query_string(query) if query else {}
-        if_status = params.get("if_status") or None  # empty: unconditional, as in the Go proxy
-        raw_rev = params.get(REV_GUARD)
-        if_rev = None if raw_rev is None else parse_revision(raw_rev)
-        if_absent = params.get(IF_ABSENT)
-        if if_absent is not None and (if_absent != "1" or if_status or if_rev):
-            raise BadRequest("if_absent must be 1, and takes no other guard")
+        return await self._put(key, *_put_guards(query), body)
+
+    async def _put(
+        self,
+        key: str,
+        params: dict[str, str],
+        if_status: str | None,
+        if_rev: str | None,
+        body: bytes,
+    ) -> Response:
+        store = self.store
         if "publish" in params:
-            return await self._put_publish(key, params, body, if_status, if_rev)
-        if if_absent is not None:
+            write = self._publish_write(key, params, body, if_status, if_rev)
+            assert self.bus is not None
+            return self._published(write, await self.bus.put_publish(write))
+        if IF_ABSENT in params:
             if not await store.put_if_absent(key, body):
                 raise Conflict("condition failed: the key exists")
             return _NO_CONTENT
@@ -198,14 +211,119 @@ class Router:
             raise Conflict(f"condition failed: {_guards(if_status, if_rev)}")
         return _NO_CONTENT
 
-    async def _put_publish(
+    async def _writes(self, writes: list[tuple[bytes, bytes, bytes]]) -> Response:
+        """`POST /writes`: each PUT answered as it would have been alone, in order.
+
+        A run of guarded writes of distinct keys (no if_absent) is one statement: a run of
+        plain ones, or a run of publishing ones of one origin. A repeated key or another kind
+        of write ends a run, so the writes of one key apply in their order. Once PostgreSQL is
+        unavailable, that write and every later one is answered 503.
+        """
+        results: list[bytes] = [b""] * len(writes)
+        run: list[tuple[int, GuardedWrite | PublishWrite]] = []
+        for index, (raw_key, query, body) in enumerate(writes):
+            write: GuardedWrite | PublishWrite | None = None
+            try:
+                key = decode_key(raw_key)
+                params, if_status, if_rev = _put_guards(query)
+                guarded = (if_status or if_rev) is not None and IF_ABSENT not in params
+                if "publish" in params:
+                    publish = self._publish_write(key, params, body, if_status, if_rev)
+                    write = publish if guarded else None
+                elif guarded:
+                    write = (key, body, if_status, if_rev)
+            except ProtocolError as exc:
+                results[index] = _result(exc.status_hint, error_body(exc.message))
+                continue
+            if run and (
+                write is None
+                or _kind(write) != _kind(run[0][1])
+                or any(_key_of(w) == key for _, w in run)
+            ):
+                if not await self._write_run(run, results):
+                    break
+                run = []
+            if write is not None:
+                run.append((index, write))
+                continue
+            try:
+                response = await self._put(key, params, if_status, if_rev, body)
+            except ProtocolError as exc:
+                response = Response(status=exc.status_hint, body=error_body(exc.message))
+            except StoreUnavailable:
+                break
+            results[index] = _result(response.status, response.body)
+        else:
+            if run:
+                await self._write_run(run, results)
+        unavailable = _result(503, error_body("the state store is unavailable"))
+        body = b",".join(result or unavailable for result in results)
+        return Response(status=200, body=b'{"results":[' + body + b"]}")
+
+    async def _write_run(
+        self, run: list[tuple[int, GuardedWrite | PublishWrite]], results: list[bytes]
+    ) -> bool:
+        """Apply a run of `_writes` in one statement and fill in its results; False if
+        PostgreSQL is down. A value PostgreSQL refuses fails the statement: then each write
+        of the run is made alone, so that only the refused one fails."""
+        writes = [write for _, write in run]
+        try:
+            try:
+                outcomes: list[object] = await self._many(writes)
+            except BadRequest:
+                outcomes = []
+                for write in writes:
+                    try:
+                        outcomes.append(await self._alone(write))
+                    except BadRequest as exc:
+                        outcomes.append(exc)
+        except StoreUnavailable:
+            return False
+        for (index, write), outcome in zip(run, outcomes, strict=True):
+            if isinstance(outcome, BadRequest):
+                results[index] = _result(400, error_body(outcome.message))
+            elif isinstance(write, PublishWrite):
+                assert outcome is None or isinstance(outcome, int)
+                try:
+                    response = self._published(write, outcome)
+                except Conflict as exc:
+                    response = Response(status=409, body=error_body(exc.message))
+                results[index] = _result(response.status, response.body)
+            elif outcome:
+                results[index] = _result(204, b"")
+            else:
+                reason = _guards(write[2], write[3])
+                results[index] = _result(409, error_body(f"condition failed: {reason}"))
+        return True
+
+    async def _many(self, writes: list[GuardedWrite | PublishWrite]) -> list[object]:
+        published = [w for w in writes if isinstance(w, PublishWrite)]
+        if published:
+            assert self.bus is not None and len(published) == len(writes)
+            return list(await self.bus.put_publish_many(published))
+        return list(await self.store.put_many_if([w for w in writes if isinstance(w, tuple)]))
+
+    async def _alone(self, write: GuardedWrite | PublishWrite) -> object:
+        if isinstance(write, PublishWrite):
+            assert self.bus is not None
+            return await self.bus.put_publish(write)
+        key, body, status, revision = write
+        return await self.store.put_if(key, body, status=status, revision=revision)
+
+    def _publish_write(
         self,
         key: str,
         params: dict[str, str],
         body: bytes,
         if_status: str | None,
         if_rev: str | None,
-    ) -> Response:
+    ) -> PublishWrite:
+        """The publishing PUT of these parameters, checked.
+
+        Raises:
+            BadRequest: no bus, a bad ``publish`` or ``origin``, or a body that is not
+                ``{"value": V, "event": E}``.
+        """
         if self.bus is None:
             raise BadRequest("this state proxy has no event bus")
         if params["publish"] != "1":
@@ -215,11 +333,11 @@ class Router:
             raise BadRequest("origin must be 1 to 64 characters of [A-Za-z0-9_.-]")
         event = parse_publish(body)
         absent = IF_ABSENT in params
-        seq = await self.bus.put_publish(
-            key, body, origin, event, status=if_status, revision=if_rev, absent=absent
-        )
+        return PublishWrite(key, body, origin, event, if_status, if_rev, absent)
+
+    def _published(self, write: PublishWrite, seq: int | None) -> Response:
         if seq is None:
-            reason = "the key exists" if absent else _guards(if_status, if_rev)
+            reason = "the key exists" if write.absent else _guards(write.status, write.revision)
             raise Conflict(f"condition failed: {reason}")
         if self.metrics is not None:
             self.metrics.events_published.inc()
@@ -258,6 +376,39 @@ def _not_allowed(allowed: Sequence[bytes]) -> Response:
         body=error_body("method not allowed"),
         headers=((b"allow", b", ".join(allowed)),),
     )
+
+
+def _put_guards(query: bytes) -> tuple[dict[str, str], str | None, str | None]:
+    """A PUT's parameters and its status and revision guards (None: not given).
+
+    Raises:
+        BadRequest: a malformed revision, or ``if_absent`` other than 1 or with a guard.
+    """
+    params = decode_query_string(query) if query else {}
+    if_status = params.get("if_status") or None  # empty: unconditional, as in the Go proxy
+    raw_rev = params.get(REV_GUARD)
+    if_rev = None if raw_rev is None else parse_revision(raw_rev)
+    if_absent = params.get(IF_ABSENT)
+    if if_absent is not None and (if_absent != "1" or if_status or if_rev):
+        raise BadRequest("if_absent must be 1, and takes no other guard")
+    return params, if_status, if_rev
+
+
+def _key_of(write: GuardedWrite | PublishWrite) -> str:
+    return write.key if isinstance(write, PublishWrite) else write[0]
+
+
+def _kind(write: GuardedWrite | PublishWrite) -> str | None:
+    """What a write may share a run with: the writes of its kind (publishing ones: of its
+    origin)."""
+    return write.origin if isinstance(write, PublishWrite) else None
+
+
+def _result(status: int, body: bytes) -> bytes:
+    """One result of a `POST /writes` reply: the status and JSON body of a PUT's own reply."""
+    if body:
+        return b'{"status":%d,"body":%s}' % (status, body)
+    return b'{"status":%d}' % status
 
 
 def _guards(status: str | None, revision: str | None) -> str:

@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeAlias
 
 import attrs
 
@@ -39,13 +39,22 @@ _UPDATE = "UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1"
 _STATUS_IS = "value->>'status' = $3"
 # The stored revision as canonical decimal text: jsonb prints an integer without leading zeros
 # or fraction (3.0 stays "3.0", not an integer, as in mesh_proto's reading of `_rev`).
-_REVISION = (
+REVISION_TEXT = (
     f"(CASE WHEN jsonb_typeof(value->'{REVISION_KEY}') = 'number' "
     f"AND (value->>'{REVISION_KEY}') ~ '^-?[0-9]+$' THEN value->>'{REVISION_KEY}' ELSE '0' END)"
 )
 _PUT_IF_STATUS = f"{_UPDATE} AND {_STATUS_IS}".encode()
-_PUT_IF_REV = f"{_UPDATE} AND {_REVISION} = $3".encode()
-_PUT_IF_BOTH = f"{_UPDATE} AND {_STATUS_IS} AND {_REVISION} = $4".encode()
+_PUT_IF_REV = f"{_UPDATE} AND {REVISION_TEXT} = $3".encode()
+_PUT_IF_BOTH = f"{_UPDATE} AND {_STATUS_IS} AND {REVISION_TEXT} = $4".encode()
+# Many guarded writes of distinct keys in one statement (`POST /writes`): keys, values and guards
+# travel as four text arrays (NULL where a write has no such guard), each value is parsed as
+# jsonb on its own, and the statement returns the (1-based) position of each write it applied.
+_PUT_MANY_IF = (
+    "UPDATE kv SET value = w.v::jsonb, updated_at = now() FROM unnest($1::text[], "
+    "$2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS w(k, v, s, r, n) "
+    "WHERE kv.key = w.k AND (w.s IS NULL OR value->>'status' = w.s) "
+    f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.n::text"
+).encode()
 _DELETE = b"DELETE FROM kv WHERE key = $1"
 _LIST = b"SELECT coalesce(json_agg(key ORDER BY key), '[]')::text FROM kv WHERE key LIKE $1"
 
@@ -74,6 +83,10 @@ UPDATED_INDEX = "kv_updated_key"
 _CLIENT_CLASSES = ("22", "54")
 
 
+#: One write of `KvStore.put_many_if`: key, value (JSON text), status guard, revision guard.
+GuardedWrite: TypeAlias = tuple[str, bytes, str | None, str | None]
+
+
 class Database(Protocol):
     """What the store needs from a driver (`PgPool`; the benchmark plugs in another)."""
 
@@ -87,6 +100,17 @@ class Database(Protocol):
     ) -> Rows: ...
 
     async def execute_script(self, sql: bytes) -> None: ...
+
+
+def text_array(items: Iterable[bytes | None]) -> bytes:
+    """A PostgreSQL text[] literal of `items` (None is NULL), every element quoted and escaped."""
+    quoted = (
+        b"NULL"
+        if item is None
+        else b'"' + item.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        for item in items
+    )
+    return b"{" + b",".join(quoted) + b"}"
 
 
 def index_name(field: str) -> str:
@@ -199,6 +223,28 @@ class KvStore:
         sql, name, guards = write_statement(status=status, revision=revision)
         rows = await self._run(sql, key, value, *guards, name=name, what="invalid JSON body")
         return rows.affected == 1
+
+    async def put_many_if(self, writes: Sequence[GuardedWrite]) -> list[bool]:
+        """Each of `writes` (distinct keys, each with a guard) as `put_if` would, in one
+        statement: whether each was written.
+
+        Raises:
+            BadRequest: PostgreSQL refused one of the values (none was written).
+        """
+        if not writes:
+            return []
+        keys, values, statuses, revisions = zip(*writes, strict=True)
+        params = (
+            text_array(k.encode() for k in keys),
+            text_array(values),
+            text_array(None if s is None else s.encode() for s in statuses),
+            text_array(None if r is None else r.encode() for r in revisions),
+        )
+        rows = await self._execute(
+            _PUT_MANY_IF, params, name=b"sp_put_many_if", retry=False, what="invalid JSON body"
+        )
+        written = {int(n) for n in rows.values if n is not None}
+        return [n in written for n in range(1, len(writes) + 1)]
 
     async def delete(self, key: str) -> bool:
         """Delete the record at `key`; False if there was none."""
