@@ -25,14 +25,16 @@ reached the proxy is never re-sent.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TypeVar
 
 import attrs
+import trio
 
 from mesh_proto import (
     CLAIM_PREFIX,
@@ -41,6 +43,7 @@ from mesh_proto import (
     EVENTS,
     IF_ABSENT,
     REV_GUARD,
+    WRITES,
     Applied,
     BusEvent,
     Claim,
@@ -73,8 +76,10 @@ from mesh_proto import (
     read_replay,
     read_rows,
     read_seqs,
+    read_writes,
     replay_request,
     update_status,
+    writes_request,
 )
 
 from ._client import ConnectError, ExchangeError, HttpPool
@@ -144,6 +149,91 @@ class EnvelopeCache:
 
 
 @attrs.define(eq=False)
+class _Pending:
+    request: StoreRequest
+    done: trio.Event = attrs.field(factory=trio.Event)
+    sent: bool = False  # taken by a sender: it is the sender's now
+    reply: StoreReply | None = None
+    error: Exception | None = None
+
+
+@attrs.define(eq=False)
+class WriteBatcher:
+    """Group commit over the socket: the PUTs of concurrent status updates go to the proxy
+    together, as one `POST /writes` (`WRITES`), each answered as it would have been alone.
+
+    `senders` tasks each take every PUT waiting (up to `max_writes`, `max_bytes`) and send them,
+    so an idle mesh sends a lone PUT at once, and a busy one sends a batch per round trip
+    instead of a request per event. A caller cancelled before its PUT went out takes it back;
+    once sent, the batch is the sender's, not the caller's: cancelling one caller never cuts
+    the others' request short.
+    """
+
+    send: Callable[[StoreRequest], Awaitable[StoreReply]]
+    senders: int = 4
+    max_writes: int = 128
+    max_bytes: int = 1024 * 1024
+    _waiting: deque[_Pending] = attrs.field(factory=deque)
+    _idle: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    batches: int = 0
+
+    async def put(self, request: StoreRequest) -> StoreReply:
+        job = _Pending(request)
+        self._waiting.append(job)
+        self._idle.unpark()
+        try:
+            await job.done.wait()
+        finally:
+            if not job.sent:  # cancelled while it waited: never sent
+                self._waiting.remove(job)
+        if job.error is not None:
+            raise job.error
+        assert job.reply is not None
+        return job.reply
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.senders):
+                nursery.start_soon(self._sender)
+            task_status.started()
+
+    async def _sender(self) -> None:
+        while True:
+            while not self._waiting:
+                await self._idle.park()
+            batch: list[_Pending] = []
+            size = 0
+            while self._waiting and len(batch) < self.max_writes:
+                size += len(self._waiting[0].request.body)
+                if batch and size > self.max_bytes:
+                    break
+                job = self._waiting.popleft()
+                job.sent = True
+                batch.append(job)
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                replies = [await self.send(batch[0].request)]
+            else:
+                self.batches += 1
+                reply = await self.send(writes_request([job.request for job in batch]))
+                replies = read_writes(reply, len(batch))
+        except Exception as exc:  # each caller raises it as its own
+            for job in batch:
+                job.error = copy.copy(exc)
+        else:
+            for job, reply in zip(batch, replies, strict=True):
+                job.reply = reply
+        finally:
+            for job in batch:
+                if job.reply is None and job.error is None:  # the store is closing
+                    job.error = ServiceError("state proxy request cut short: shutting down")
+                job.done.set()
+
+
+@attrs.define(eq=False)
 class ProxyStore:
     pool: HttpPool
     cache: EnvelopeCache = attrs.field(factory=EnvelopeCache)
@@ -152,6 +242,8 @@ class ProxyStore:
     # This replica's name on the event bus, set by the broadcaster that uses it (`_bus.py`):
     # status updates then publish their events with their writes.
     origin: str | None = None
+    # Sends the PUTs of concurrent status updates together when the proxy has `WRITES`.
+    batcher: WriteBatcher | None = None
     _warned_idempotency: bool = False
 
     async def _send(self, request: StoreRequest, *, headers: bool = False) -> StoreReply:
@@ -170,12 +262,17 @@ class ProxyStore:
         return StoreReply(status=reply.status, body=reply.body)
 
     async def _drive(
-        self, procedure: Generator[StoreRequest, StoreReply, T]
+        self, procedure: Generator[StoreRequest, StoreReply, T], *, batch: bool = False
     ) -> tuple[T, StoreRequest]:
-        """Run a procedure; returns its result and the last request it made."""
+        """Run a procedure; returns its result and the last request it made. With `batch`,
+        its PUTs go through the `batcher` (if any, and the proxy has `WRITES`)."""
+        batcher = self.batcher if batch and self.features and WRITES in self.features else None
         request = next(procedure)
         while True:
-            reply = await self._send(request)
+            if batcher is not None and request.method == "PUT":
+                reply = await batcher.put(request)
+            else:
+                reply = await self._send(request)
             try:
                 next_request = procedure.send(reply)
             except StopIteration as done:
@@ -227,7 +324,7 @@ class ProxyStore:
         known = self.cache.get(envelope_id) if self._caching else None
         publish = self.origin if self.has_events else None
         procedure = update_status(envelope_id, event, now, known=known, publish=publish)
-        outcome, last = await self._drive(procedure)
+        outcome, last = await self._drive(procedure, batch=True)
         if outcome is None:
             self.cache.discard(envelope_id)
         elif self._caching:
@@ -310,7 +407,12 @@ async def open_proxy_store(
     socket_path: str, *, timeout: float = 5.0, connections: int = 32
 ) -> AsyncIterator[ProxyStore]:
     pool = HttpPool.unix(socket_path, host="state-proxy", size=connections, timeout=timeout)
+    store = ProxyStore(pool)
+    store.batcher = WriteBatcher(store._send)
     try:
-        yield ProxyStore(pool)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.batcher.run)
+            yield store
+            nursery.cancel_scope.cancel()
     finally:
         await pool.aclose()
