@@ -92,6 +92,10 @@ _QUERY_KEYS: Final = frozenset({"prefix", "filter", "sort", "limit", "offset", "
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _DIGITS: Final = re.compile(r"[0-9]+")
 _DIGITS_BYTES: Final = re.compile(rb"[0-9]{1,9}")
+# A query string of non-empty name=value pairs of unreserved characters only: nothing to decode.
+_PLAIN_QUERY: Final = re.compile(
+    rb"[A-Za-z0-9_.~-]+=[A-Za-z0-9_.~-]*(&[A-Za-z0-9_.~-]+=[A-Za-z0-9_.~-]*)*"
+)
 _SORT_HINT: Final = "sort must be a list of field names, each optionally prefixed by '-'"
 
 
@@ -145,6 +149,10 @@ def decode_key(raw: bytes) -> str:
         BadRequest: a malformed escape (``%zz``, a trailing ``%``), bytes that are not UTF-8
             once decoded, or a NUL.
     """
+    if raw.isascii() and b"\x00" not in raw:  # the fast path: a plain key (an envelope's)
+        plain = raw.replace(b"%2F", b"/")
+        if b"%" not in plain:
+            return plain.decode("ascii")
     if _BAD_ESCAPE.search(raw):
         raise BadRequest("invalid key: malformed percent-escape")
     try:
@@ -164,6 +172,10 @@ def decode_query_string(raw: bytes) -> dict[str, str]:
     Raises:
         BadRequest: the query string is not UTF-8 once decoded.
     """
+    if _PLAIN_QUERY.fullmatch(raw):  # nothing to decode (guards, ids): 1/3 of the time
+        return dict(
+            (name, value) for name, _, value in (p.partition("=") for p in raw.decode().split("&"))
+        )
     try:
         return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict"))
     except (UnicodeDecodeError, ValueError):

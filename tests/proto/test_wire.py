@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.parse
 from typing import Any
 
@@ -108,6 +109,42 @@ def test_undecodable_keys(raw: bytes, why: str) -> None:
     with pytest.raises(BadRequest, match=why) as info:
         decode_key(raw)
     assert info.value.status_hint == 400
+
+
+PIECES = [b"%2F", b"%2f", b"%", b"/", b"=", b"&", b"+", b"a", b"Z", b"0", b"_", b"\x00",
+          b"\xc3\xa9", b"%41", b" "]  # fmt: skip
+RAW = st.lists(st.sampled_from(PIECES), max_size=12).map(b"".join)
+
+
+def _reference_key(raw: bytes) -> str | None:
+    """`decode_key` by its definition; None where it must refuse."""
+    if re.search(rb"%(?![0-9A-Fa-f]{2})", raw):
+        return None
+    try:
+        key = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in key else key
+
+
+@settings(max_examples=500)
+@given(RAW)
+def test_decode_key_and_query_string_agree_with_urllib(raw: bytes) -> None:
+    """The fast paths (nothing to decode) answer as the decoders they skip."""
+    key = _reference_key(raw)
+    if key is None:
+        with pytest.raises(BadRequest):
+            decode_key(raw)
+    else:
+        assert decode_key(raw) == key
+    try:
+        text = raw.decode("utf-8")
+        params = dict(urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        with pytest.raises(BadRequest):
+            decode_query_string(raw)
+    else:
+        assert decode_query_string(raw) == params
 
 
 def test_decode_query_string() -> None:
