@@ -8,7 +8,8 @@
 # by run (A B A B ...) and the ones not measured are paused with SIGSTOP, as in bench/run.py
 # (whose server helpers this reuses). Reported per (target, scenario), medians of the runs:
 # requests/s, requests per server CPU second, server CPU %,
-# wrk's own CPU %, and non-2xx replies (must be 0).
+# wrk's own CPU %, and non-2xx replies (must be 0); for `proxy`, also the CPU per request of
+# the mesh API, of the state proxy and of its PostgreSQL backends (by application_name).
 #
 #   create   POST {prefix}/mesh/?actor=bench  {"payload":{"n":1}}            (external port)
 #   events   POST {prefix}/mesh/{id}/events, status progress and FLY 1:1     (internal port)
@@ -38,12 +39,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import loadgen  # noqa: E402  (bench/loadgen.py: PostgreSQL backends by application_name)
 import run  # noqa: E402  (bench/run.py: server start/stop, specs)
 
 PREFIX = "/api/v1"
@@ -150,6 +152,19 @@ def run_wrk(lua: str, connections: int, duration: int, url: str) -> dict:
     return figures
 
 
+def pg_backends_cpu(server: run.Server) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend of the `proxy` target's state proxy (found by
+    its application_name, as bench/loadgen.py does); empty for other targets."""
+    options = dict(a.removeprefix("--").split("=", 1) for a in server.loadgen_args if "=" in a)
+    if "pg-app" not in options:
+        return {}
+    cpu = {}
+    for pid in loadgen.pg_backend_pids(options["pg-url"], options["pg-app"]):
+        with suppress(OSError):  # ended meanwhile
+            cpu[pid] = cpu_seconds(pid)
+    return cpu
+
+
 def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Namespace) -> dict:
     source, port_name = script(scenario, ids)
     port = server.external if port_name == "external" else server.internal
@@ -161,13 +176,22 @@ def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Na
         children_cpu(os.getpid()),
         time.monotonic(),
     )
+    before_mesh, before_pg = cpu_seconds(server.pid), pg_backends_cpu(server)
     figures = run_wrk(f.name, args.connections, args.duration, f"http://127.0.0.1:{port}{path}")
     wall = time.monotonic() - started
     used_cpu = server_cpu(server) - before_server
     wrk_cpu = children_cpu(os.getpid()) - before_wrk
     os.unlink(f.name)
     rps = figures["requests"] / figures["seconds"]
+    split = {}
+    if server.companions:  # CPU per request of each part: mesh API, state proxy, PostgreSQL
+        mesh = cpu_seconds(server.pid) - before_mesh
+        after_pg = pg_backends_cpu(server)  # a backend opened meanwhile counts whole
+        pg = sum(cpu - before_pg.get(pid, 0.0) for pid, cpu in after_pg.items())
+        per = 1e6 / max(figures["requests"], 1)
+        split = {"mesh_us": mesh * per, "proxy_us": (used_cpu - mesh) * per, "pg_us": pg * per}
     return {
+        **split,
         "rps": rps,
         "per_cpu_s": figures["requests"] / used_cpu if used_cpu else 0.0,
         "server_cpu_pct": 100 * used_cpu / wall,
@@ -325,6 +349,15 @@ def main() -> None:
                 f"{m['server_cpu_pct']:.0f} | {m['wrk_cpu_pct']:.0f} | {m['p99_ms']:.1f} "
                 f"| {ratio:.2f} |"
             )
+    split = [(s, n) for s in args.scenarios.split(",") for n in targets
+             if "mesh_us" in medians[n].get(s, {})]  # fmt: skip
+    if split:
+        print("\n| scenario | target | CPU per request, µs: mesh API | state proxy | PostgreSQL |")
+        print("|---|---|---:|---:|---:|")
+        for scenario, name in split:
+            m = medians[name][scenario]
+            print(f"| {scenario} | {name} | {m['mesh_us']:.0f} | {m['proxy_us']:.0f} "
+                  f"| {m['pg_us']:.0f} |")  # fmt: skip
     bad = [
         (n, s) for n in targets for s, m in medians[n].items() if m["non2xx"] or m["socket_errors"]
     ]
