@@ -141,6 +141,7 @@ from ._wire import (
     is_origin,
     parse_after,
     parse_revision,
+    peek_bus_record,
     published_of,
 )
 
@@ -265,6 +266,7 @@ __all__ = [
     "parse_revision",
     "parse_time",
     "parse_wait",
+    "peek_bus_record",
     "publish_put_request",
     "published_of",
     "purge_request",

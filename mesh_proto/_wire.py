@@ -29,6 +29,7 @@ valid `Query` therefore always compiles, and ``Query.parse(q.to_body()) == q`` f
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -552,3 +553,28 @@ class BusEvent:
     def published(self) -> Published:
         """The frame to deliver (`published_of`); raises `StoreProtocolError`."""
         return published_of(self.event, self.seq)
+
+
+_RECORD_HEAD: Final = re.compile(r'\{"seq":[0-9]+,"key":')
+_ORIGIN_FIELD: Final = ',"origin":'
+_scan_string = json.JSONDecoder().raw_decode
+
+
+def peek_bus_record(line: str) -> tuple[str, str] | None:
+    """The key and origin of a watch line, read without decoding its event, when the line
+    starts as our proxy writes it (``{"seq":N,"key":K,"origin":O,...``); None otherwise (then
+    decode it whole). A replica reading every line of the bus skips its own and those of keys
+    it does not follow at the cost of this, not of the event's JSON."""
+    head = _RECORD_HEAD.match(line)
+    if head is None:
+        return None
+    try:
+        key, at = _scan_string(line, head.end())
+        if not line.startswith(_ORIGIN_FIELD, at):
+            return None
+        origin, _ = _scan_string(line, at + len(_ORIGIN_FIELD))
+    except ValueError:
+        return None
+    if isinstance(key, str) and isinstance(origin, str):
+        return key, origin
+    return None

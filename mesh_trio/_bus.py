@@ -25,8 +25,9 @@ bus (`events` in the proxy's features: `POST /events`, `PUT ?publish=1`, `GET /e
 On the bus an event's key is the envelope's store key (`msg/{id}`, the key its status writes
 publish under); here, as everywhere in the runtime, it is the envelope id.
 
-Every replica receives every event (the watch is not filtered by key) and drops those of keys
-it has no subscriber for before decoding them.
+Every replica receives every event (the watch is not filtered by key) and drops its own and
+those of keys it has no subscriber for after reading only the line's key and origin
+(`peek_bus_record`), without decoding the event.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from mesh_proto import (
     envelope_key,
     event_bytes,
     loads,
+    peek_bus_record,
 )
 
 from ._broadcast import BroadcastStatistics
@@ -306,9 +308,17 @@ class ProxyBroadcaster:
 
     async def _receive(self, line: bytes) -> None:
         """Deliver one watch line: skip keepalives, our own events, and keys nobody here
-        follows (before decoding the frame)."""
+        follows (by `peek_bus_record`, before decoding the line)."""
         if not line.strip():
             return
+        try:
+            peeked = peek_bus_record(line.decode())
+        except UnicodeDecodeError:
+            peeked = None  # decoded whole below, and refused there
+        if peeked is not None:
+            key, origin = peeked
+            if origin == self.origin or not self.hub.subscribers(key.removeprefix(_KEY_PREFIX)):
+                return
         try:
             record = BusEvent.from_json(loads(line, error=StoreProtocolError, what="bus record"))
         except StoreProtocolError as exc:

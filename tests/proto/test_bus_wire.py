@@ -32,6 +32,7 @@ from mesh_proto import (
     events_request,
     is_origin,
     parse_after,
+    peek_bus_record,
     published_of,
     read_published,
     read_replay,
@@ -295,3 +296,35 @@ def test_a_stale_event_publishes_nothing() -> None:
     outcome = drive(update_status(ID, event, T0, publish="o"), kv)
     assert isinstance(outcome, Ignored)
     assert kv.writes == [] and kv.published == []
+
+
+# --- reading a watch line's key and origin without its event -------------------------------
+
+
+@given(st.integers(0, 2**63), st.text(), st.text(), JSON_VALUES, st.booleans())
+def test_peek_reads_key_and_origin_of_any_line_the_proxy_writes(
+    seq: int, key: str, origin: str, event: Any, ascii_only: bool
+) -> None:
+    def encode(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":"))
+
+    line = f'{{"seq":{seq},"key":{encode(key)},"origin":{encode(origin)},"event":{encode(event)}}}'
+    assert peek_bus_record(line) == (key, origin)
+    record = BusEvent.from_json(json.loads(line))
+    assert (record.key, record.origin) == (key, origin)
+
+
+PIECES = ['{"seq":', "1", ',"key":', '"k"', '"o\\"', ',"origin":', '"o"', ',"event":{}', "}",
+          " ", "[", '"', "\\", "null"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=10).map("".join))
+def test_peek_agrees_with_the_whole_decode_or_declines(line: str) -> None:
+    peeked = peek_bus_record(line)
+    if peeked is None:
+        return
+    try:
+        record = BusEvent.from_json(json.loads(line))
+    except (ValueError, StoreProtocolError):
+        return  # not a record at all: the whole decode refuses it as well
+    assert peeked == (record.key, record.origin)
