@@ -21,7 +21,16 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_proto import CreateRequest, Envelope, ServiceError, Status, StatusEvent
+from mesh_proto import (
+    CreateRequest,
+    Envelope,
+    ServiceError,
+    Status,
+    StatusEvent,
+    put_request,
+    read_writes,
+    writes_request,
+)
 from mesh_trio import MemoryStore
 from mesh_trio._metrics import BUCKETS, MeshMetrics, MeteredStore
 from mesh_trio._proxy_store import open_proxy_store
@@ -334,11 +343,15 @@ async def test_the_state_proxy_serves_its_metrics_port(
         await store.ping()
         assert await store.get("00000000-0000-4000-8000-000000000000") is None
         assert await store.get("00000000-0000-4000-8000-000000000001") is None
+        puts = [put_request(f"m/{n}", {"n": n}) for n in range(3)]
+        assert len(read_writes(await store._send(writes_request(puts)), 3)) == 3
         samples = await scrape(port)
     requests = "asya_state_proxy_requests_total"
     assert value(samples, requests, op="health", status="200") == 1
     assert value(samples, requests, op="get", status="404") == 2
     assert value(samples, "asya_state_proxy_request_duration_seconds_count", op="get") == 2
+    assert value(samples, requests, op="writes", status="200") == 1
+    assert value(samples, "asya_state_proxy_batched_writes_total") == 3
     assert value(samples, "asya_state_proxy_pg_opened_total") >= 1
     assert value(samples, "asya_state_proxy_pg_in_use") == 0
     assert value(samples, "asya_state_proxy_pg_size") == 10

@@ -37,6 +37,8 @@ _KEY_OPS = {b"GET": "get", b"HEAD": "head", b"PUT": "put", b"DELETE": "delete"}
 _PATH_OPS = {
     b"/keys/": "keys",
     b"/query": "query",
+    b"/delete": "delete_query",
+    b"/writes": "writes",
     b"/healthz": "health",
     b"/events": "publish",
     b"/events/watch": "watch",
@@ -45,7 +47,8 @@ _PATH_OPS = {
 
 def operation(request: Request) -> str:
     """The `op` label of a request: `get`, `head`, `put`, `delete` (a key), `keys`, `query`,
-    `health`, `publish`, `watch`, `replay`, or `none` (no such route)."""
+    `delete_query`, `writes`, `health`, `publish`, `watch`, `replay`, or `none` (no such
+    route)."""
     path = request.target.partition(b"?")[0]
     if path.startswith(b"/keys/") and len(path) > len(b"/keys/"):
         return _KEY_OPS.get(request.method, "none")
@@ -121,6 +124,11 @@ class ProxyMetrics:
         self.events_published = Counter(
             "asya_state_proxy_events_published",
             "events published on the bus by this proxy (POST /events and PUT ?publish=1)",
+            registry=registry,
+        )
+        self.batched_writes = Counter(
+            "asya_state_proxy_batched_writes",
+            "PUTs received in POST /writes (each batch is one request with op=writes)",
             registry=registry,
         )
         self.watch_streams = Counter(

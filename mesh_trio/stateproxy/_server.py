@@ -157,7 +157,10 @@ class Router:
             if path == _WRITES:
                 if method != b"POST":
                     return _not_allowed((b"POST",))
-                return await self._writes(decode_writes(request.body))
+                writes = decode_writes(request.body)
+                if self.metrics is not None:
+                    self.metrics.batched_writes.inc(len(writes))
+                return await self._writes(writes)
             if path == b"/healthz":
                 if method not in (b"GET", b"HEAD"):
                     return _not_allowed((b"GET", b"HEAD"))
