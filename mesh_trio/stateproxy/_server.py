@@ -224,6 +224,7 @@ class Router:
         """
         results: list[bytes] = [b""] * len(writes)
         run: list[tuple[int, GuardedWrite | PublishWrite]] = []
+        keys: set[str] = set()  # of the run
         for index, (raw_key, query, body) in enumerate(writes):
             write: GuardedWrite | PublishWrite | None = None
             try:
@@ -238,23 +239,20 @@ class Router:
             except ProtocolError as exc:
                 results[index] = _result(exc.status_hint, error_body(exc.message))
                 continue
-            if run and (
-                write is None
-                or _kind(write) != _kind(run[0][1])
-                or any(_key_of(w) == key for _, w in run)
-            ):
+            if run and (write is None or _kind(write) != _kind(run[0][1]) or key in keys):
                 if not await self._write_run(run, results):
                     break
-                run = []
+                run, keys = [], set()
             if write is not None:
                 run.append((index, write))
+                keys.add(key)
                 continue
             try:
                 response = await self._put(key, params, if_status, if_rev, body)
-            except ProtocolError as exc:
-                response = Response(status=exc.status_hint, body=error_body(exc.message))
             except StoreUnavailable:
                 break
+            except ProtocolError as exc:
+                response = Response(status=exc.status_hint, body=error_body(exc.message))
             results[index] = _result(response.status, response.body)
         else:
             if run:
@@ -395,10 +393,6 @@ def _put_guards(query: bytes) -> tuple[dict[str, str], str | None, str | None]:
     if if_absent is not None and (if_absent != "1" or if_status or if_rev):
         raise BadRequest("if_absent must be 1, and takes no other guard")
     return params, if_status, if_rev
-
-
-def _key_of(write: GuardedWrite | PublishWrite) -> str:
-    return write.key if isinstance(write, PublishWrite) else write[0]
 
 
 def _kind(write: GuardedWrite | PublishWrite) -> str | None:

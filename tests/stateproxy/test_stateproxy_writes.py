@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+from typing import Any
 
 import pytest
+import trio
 
 from mesh_proto import MAX_WRITES, WRITES, decode_writes, encode_writes
 from mesh_proto._wire import key_target as target_of
+from tests.test_stateproxy_events import scrape
 
 from .conftest import HttpClient, Reply
 from .test_stateproxy_keys import HOSTILE_KEYS
+from .test_stateproxy_resilience import Forwarder, forwarded, start_proxy
 
 pytestmark = pytest.mark.postgres
 
@@ -220,3 +225,29 @@ async def test_publishing_writes_answer_with_their_seqs_in_order(client: HttpCli
     assert [e["event"] for e in replay["events"]] == [{"n": 1}, {"n": 3}]  # type: ignore[index]
     assert await stored(client, "a") == {"status": "running", "_rev": 2}
     assert await stored(client, "b") == {"status": "paused", "_rev": 2}
+
+
+async def test_once_postgres_is_gone_the_rest_of_a_batch_is_503_untried(
+    nursery: trio.Nursery, socket_path: str, pg_url: str, make_client: Any
+) -> None:
+    """The first write that finds PostgreSQL unavailable ends the batch: it and every later
+    write are answered 503 and no later one is tried (one failed statement, not one each)."""
+    forwarder = Forwarder()
+    await forwarder.start(nursery)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    url = forwarded(pg_url, forwarder.port)
+    await start_proxy(nursery, socket_path, url, pool_size=2, metrics_port=port)
+    client = make_client(socket_path)
+    assert (await client.put("a", {"_rev": 0})).status == 204
+    forwarder.stop()
+    results = await writes(
+        client,
+        (target_of("x"), b"{}"),
+        (target_of("y", if_absent="1"), b"{}"),
+        (target_of("a", if_rev="0"), rev({}, 1)),
+    )
+    assert [status for status, _ in results] == [503, 503, 503]
+    samples = await scrape(port)
+    assert samples["asya_state_proxy_pg_failures_total"] == 1
