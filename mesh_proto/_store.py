@@ -404,7 +404,9 @@ def update_status(
             )
             seq = read_published((yield request))
             if seq is not None:
-                return attrs.evolve(outcome, seq=seq)
+                return Applied(
+                    rule=outcome.rule, envelope=outcome.envelope, event=outcome.event, seq=seq
+                )
         elif isinstance(outcome, Applied):
             reply = yield put_request(
                 key,

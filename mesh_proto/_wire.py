@@ -494,10 +494,12 @@ def event_bytes(published: Published) -> bytes:
     data = rest[:-2]
     if published.is_fly:
         return b'{"kind":"fly","data":' + data + b"}"
-    head = {"kind": "status", "rev": published.version, "terminal": published.terminal}
+    rev = b"null" if published.version is None else b"%d" % published.version
+    terminal = b"true" if published.terminal else b"false"
+    head = b'{"kind":"status","rev":%s,"terminal":%s' % (rev, terminal)
     if published.rank is not None:
-        head["rank"] = published.rank
-    return dumps(head)[:-1] + b',"data":' + data + b"}"
+        head += b',"rank":%d' % published.rank
+    return head + b',"data":' + data + b"}"
 
 
 def published_of(event: object, seq: int) -> Published:
