@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from mesh_proto import MAX_WRITES, WRITES, decode_writes, encode_writes
+from mesh_proto import MAX_WRITES, WRITES, encode_writes
 from mesh_proto._wire import key_target as target_of
 from tests.test_stateproxy_events import scrape
 
@@ -152,14 +152,6 @@ async def test_writes_takes_only_post(client: HttpClient) -> None:
     reply = await client.get("/writes")
     assert (reply.status, reply.headers["allow"]) == (405, "POST")
     assert await writes(client) == []
-
-
-def test_the_frame_round_trips() -> None:
-    puts = [(target_of(k, if_rev="3"), k.encode() + b"\n \x00") for k in HOSTILE_KEYS]
-    decoded = decode_writes(encode_writes(puts))
-    assert [(b"/keys/" + k + b"?" + q, b) for k, q, b in decoded] == [
-        (t.encode(), b) for t, b in puts
-    ]
 
 
 KINDS = ("plain", "if_rev", "if_status", "both", "if_absent")
