@@ -103,6 +103,21 @@ _LINE = (
     "'{\"seq\":' || seq || ',\"key\":' || to_json(key)::text || ',\"origin\":' "
     "|| to_json(origin)::text || ',\"event\":' || event || '}'"
 )
+
+
+def _payloads(origin_json: bytes) -> bytes:
+    """The CTE `payloads` of a publishing statement: the watch lines of the rows of `items`
+    (seq, key JSON `k`, event `e`, payload code `c`, position `i`), joined per NOTIFY payload
+    (`payload_codes`); `origin_json` names the parameter holding the origin as JSON."""
+    return (
+        b"payloads AS (SELECT c / 2 AS g, string_agg(CASE WHEN c % 2 = 1 THEN seq::text ELSE "
+        b"'{\"seq\":' || seq || ',\"key\":' || k::text || ',\"origin\":' || "
+        + origin_json
+        + b" || ',\"event\":' || e::text || '}' END, E'\\n' ORDER BY i) AS p FROM items "
+        b"GROUP BY c / 2 ORDER BY c / 2) "
+    )
+
+
 # $1 lock namespace, $2 lock ids, $3 key JSON, $4 event JSON, $5 payload codes, $6 origin,
 # $7 origin JSON, $8 channel. Locks before any `nextval` (a join on the one-row `locks`);
 # `nextval` after the sort on the position, so seqs follow the order given.
@@ -115,10 +130,8 @@ _PUBLISH = (
     b"WHERE locks.n >= 0 ORDER BY i), "
     b"ins AS (INSERT INTO events (seq, key, origin, event) "
     b"SELECT seq, k #>> '{}', $6, e::text FROM items), "
-    b"payloads AS (SELECT c / 2 AS g, string_agg(CASE WHEN c % 2 = 1 THEN seq::text ELSE "
-    b"'{\"seq\":' || seq || ',\"key\":' || k::text || ',\"origin\":' || $7 || ',\"event\":' "
-    b"|| e::text || '}' END, E'\\n' ORDER BY i) AS p FROM items GROUP BY c / 2 ORDER BY c / 2) "
-    b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
+    + _payloads(b"$7")
+    + b"SELECT (SELECT json_agg(seq ORDER BY i) FROM items)::text, count(pg_notify($8, p)) "
     b"FROM payloads"
 )
 # Guarded publishing PUTs of distinct keys in one statement (`put_publish_many`): the locks of
@@ -128,26 +141,26 @@ _PUBLISH = (
 # (JSON, null where none), $7 event JSON, $8 payload codes, $9 origin, $10 origin JSON,
 # $11 channel. Returns [[position, seq], ...] of the writes made.
 _PUT_PUBLISH_MANY = (
-    "WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock($1::int, h::int)) AS n "
-    "FROM json_array_elements_text($2::json) AS h), "
-    "w AS MATERIALIZED (SELECT k, k #>> '{}' AS key, b, s, r, e, c::int AS c, i "
-    "FROM locks, ROWS FROM (json_array_elements($3::json), unnest($4::text[]), "
-    "json_array_elements_text($5::json), json_array_elements_text($6::json), "
-    "json_array_elements($7::json), json_array_elements_text($8::json)) "
-    "WITH ORDINALITY AS t(k, b, s, r, e, c, i) WHERE locks.n >= 0), "
-    "up AS (UPDATE kv SET value = w.b::jsonb -> 'value', updated_at = now() FROM w "
-    "WHERE kv.key = w.key AND (w.s IS NULL OR value->>'status' = w.s) "
-    f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.i), "
-    f"items AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq, w.k, w.key, w.e, w.c, w.i "
-    "FROM w JOIN up ON up.i = w.i ORDER BY w.i), "
-    "ins AS (INSERT INTO events (seq, key, origin, event) SELECT seq, key, $9, e::text "
-    "FROM items), "
-    "payloads AS (SELECT c / 2 AS g, string_agg(CASE WHEN c % 2 = 1 THEN seq::text ELSE "
-    "'{\"seq\":' || seq || ',\"key\":' || k::text || ',\"origin\":' || $10 || ',\"event\":' "
-    "|| e::text || '}' END, E'\\n' ORDER BY i) AS p FROM items GROUP BY c / 2 ORDER BY c / 2) "
-    "SELECT coalesce((SELECT json_agg(json_build_array(i, seq) ORDER BY i) FROM items), "
-    "'[]')::text, count(pg_notify($11, p)) FROM payloads"
-).encode()
+    (
+        "WITH locks AS MATERIALIZED (SELECT count(pg_advisory_xact_lock($1::int, h::int)) AS n "
+        "FROM json_array_elements_text($2::json) AS h), "
+        "w AS MATERIALIZED (SELECT k, k #>> '{}' AS key, b, s, r, e, c::int AS c, i "
+        "FROM locks, ROWS FROM (json_array_elements($3::json), unnest($4::text[]), "
+        "json_array_elements_text($5::json), json_array_elements_text($6::json), "
+        "json_array_elements($7::json), json_array_elements_text($8::json)) "
+        "WITH ORDINALITY AS t(k, b, s, r, e, c, i) WHERE locks.n >= 0), "
+        "up AS (UPDATE kv SET value = w.b::jsonb -> 'value', updated_at = now() FROM w "
+        "WHERE kv.key = w.key AND (w.s IS NULL OR value->>'status' = w.s) "
+        f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.i), "
+        f"items AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq, w.k, w.key, w.e, w.c, w.i "
+        "FROM w JOIN up ON up.i = w.i ORDER BY w.i), "
+        "ins AS (INSERT INTO events (seq, key, origin, event) SELECT seq, key, $9, e::text "
+        "FROM items), "
+    ).encode()
+    + _payloads(b"$10")
+    + b"SELECT coalesce((SELECT json_agg(json_build_array(i, seq) ORDER BY i) FROM items), "
+    b"'[]')::text, count(pg_notify($11, p)) FROM payloads"
+)
 # A group of publishing PUTs starts with the locks of its keys, held to the commit (see
 # `EventBus._commit_next`): $1 the lock namespace, $2 the sorted lock ids.
 _LOCK_KEYS = (
