@@ -18,6 +18,10 @@ When the proxy has the event bus (`EVENTS`) and a replicated broadcaster is atta
 broadcaster the event is already on the bus. `post_events` and `replay` are the bus's other two
 requests (`POST /events`, `GET /events/{key}?after=N`); the watch stream is the broadcaster's own.
 
+When the proxy lists `WRITES` as well, the guarded PUTs of concurrent updates go through the
+`WriteBatcher`: whatever is waiting when a sender is free goes as one `POST /writes`, whose
+results are each update's own reply (docs/stateproxy.md, "Batched writes").
+
 Faults map to `ServiceError` (503 to the client) within the pool's timeout: the socket missing
 or the proxy down, a reply cut short, a 5xx from the proxy. A write whose request may have
 reached the proxy is never re-sent.
