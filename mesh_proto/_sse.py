@@ -151,14 +151,19 @@ class Published:
 
     @classmethod
     def status(cls, applied: Applied) -> Published:
-        """The live frame of a stored status change: the event data with `status` set."""
-        return cls(
-            terminal=applied.terminal,
-            version=applied.envelope.revision,
-            rank=RANK[applied.envelope.status],
-            seq=applied.seq,
-            source=("status", {**applied.event.data, "status": str(applied.event.status)}),
-        )
+        """The live frame of a stored status change: the event data with `status` set. Made
+        once per `Applied` (`Applied.remember`)."""
+        published = applied.remembered
+        if published is None:
+            published = cls(
+                terminal=applied.terminal,
+                version=applied.envelope.revision,
+                rank=RANK[applied.envelope.status],
+                seq=applied.seq,
+                source=("status", {**applied.event.data, "status": str(applied.event.status)}),
+            )
+            applied.remember(published)
+        return published
 
     @classmethod
     def fly(cls, data: Any) -> Published:

@@ -24,6 +24,7 @@ import attrs
 
 if TYPE_CHECKING:
     from ._envelope import Envelope
+    from ._sse import Published
 
 
 class Status(enum.StrEnum):
@@ -116,10 +117,22 @@ class Applied:
     envelope: Envelope
     event: StatusEvent
     seq: int | None = None
+    # Its `Published` once made (`Published.status`), so that the frame is encoded once even
+    # when the store made it first (for the bus) and the runtime then publishes it: a cache, no
+    # part of the value.
+    _published: Published | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def terminal(self) -> bool:
         return self.envelope.status in TERMINAL
+
+    def remember(self, published: Published) -> None:
+        """Keep `published` as this change's `Published.status`."""
+        object.__setattr__(self, "_published", published)
+
+    @property
+    def remembered(self) -> Published | None:
+        return self._published
 
 
 @attrs.frozen(kw_only=True)

@@ -394,19 +394,22 @@ def update_status(
                 return None
         outcome = apply_event(envelope, event, now)
         if isinstance(outcome, Applied) and publish is not None:
+            published = Published.status(outcome)
             request = publish_put_request(
                 key,
                 outcome.envelope.to_value(),
-                event_bytes(Published.status(outcome)),
+                event_bytes(published),
                 origin=publish,
                 if_status=envelope.status,
                 if_rev=envelope.revision,
             )
             seq = read_published((yield request))
             if seq is not None:
-                return Applied(
+                stored = Applied(
                     rule=outcome.rule, envelope=outcome.envelope, event=outcome.event, seq=seq
                 )
+                stored.remember(published.with_seq(seq))  # framed once, for the bus and here
+                return stored
         elif isinstance(outcome, Applied):
             reply = yield put_request(
                 key,

@@ -280,6 +280,19 @@ def test_a_publishing_update_stores_and_publishes_in_one_put() -> None:
     assert Published.status(outcome).seq == 101
 
 
+def test_the_published_status_of_a_change_is_made_once() -> None:
+    """The frame the bus got is the one the runtime then publishes: encoded once."""
+    kv = PublishingKV({"status": "running"}, rev=2)
+    outcome = drive(update_status(ID, StatusEvent(status=Status.PAUSED), T0, publish="a"), kv)
+    assert isinstance(outcome, Applied)
+    published = Published.status(outcome)
+    assert published is Published.status(outcome) and published.seq == outcome.seq
+    assert json.loads(event_bytes(published)) == kv.published[0][1]
+    fresh = applied()
+    assert Published.status(fresh) is Published.status(fresh)
+    assert Published.status(fresh) is not Published.status(applied())
+
+
 def test_a_publishing_update_that_loses_a_race_publishes_nothing_and_reads_again() -> None:
     kv = PublishingKV({"status": "running", "actor": "echo"}, rev=3)
     known = envelope(Status.RUNNING, {"actor": "echo"}, revision=2)
