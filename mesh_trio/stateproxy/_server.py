@@ -173,7 +173,7 @@ class Router:
                 status=503, body=error_body(exc.message), headers=((b"retry-after", b"1"),)
             )
         except ProtocolError as exc:
-            return Response(status=exc.status_hint, body=error_body(exc.message))
+            return _refusal(exc)
 
     async def _key(self, method: bytes, key: str, query: bytes, body: bytes) -> Response:
         store = self.store
@@ -210,9 +210,8 @@ class Router:
         if if_status is None and if_rev is None:
             await store.put(key, body)
             return _NO_CONTENT
-        if not await store.put_if(key, body, status=if_status, revision=if_rev):
-            raise Conflict(f"condition failed: {_guards(if_status, if_rev)}")
-        return _NO_CONTENT
+        guarded = (key, body, if_status, if_rev)
+        return self._written(guarded, await self._alone(guarded))
 
     async def _writes(self, writes: list[tuple[bytes, bytes, bytes]]) -> Response:
         """`POST /writes`: each PUT answered as it would have been alone, in order.
@@ -230,14 +229,14 @@ class Router:
             try:
                 key = decode_key(raw_key)
                 params, if_status, if_rev = _put_guards(query)
-                guarded = (if_status or if_rev) is not None and IF_ABSENT not in params
+                guarded = (if_status, if_rev) != (None, None) and IF_ABSENT not in params
                 if "publish" in params:
                     publish = self._publish_write(key, params, body, if_status, if_rev)
                     write = publish if guarded else None
                 elif guarded:
                     write = (key, body, if_status, if_rev)
             except ProtocolError as exc:
-                results[index] = _result(exc.status_hint, error_body(exc.message))
+                results[index] = _result(_refusal(exc))
                 continue
             if run and (write is None or _kind(write) != _kind(run[0][1]) or key in keys):
                 if not await self._write_run(run, results):
@@ -252,12 +251,12 @@ class Router:
             except StoreUnavailable:
                 break
             except ProtocolError as exc:
-                response = Response(status=exc.status_hint, body=error_body(exc.message))
-            results[index] = _result(response.status, response.body)
+                response = _refusal(exc)
+            results[index] = _result(response)
         else:
             if run:
                 await self._write_run(run, results)
-        unavailable = _result(503, error_body("the state store is unavailable"))
+        unavailable = _result(_refusal(StoreUnavailable("the state store is unavailable")))
         body = b",".join(result or unavailable for result in results)
         return Response(status=200, body=b'{"results":[' + body + b"]}")
 
@@ -281,20 +280,13 @@ class Router:
         except StoreUnavailable:
             return False
         for (index, write), outcome in zip(run, outcomes, strict=True):
-            if isinstance(outcome, BadRequest):
-                results[index] = _result(400, error_body(outcome.message))
-            elif isinstance(write, PublishWrite):
-                assert outcome is None or isinstance(outcome, int)
-                try:
-                    response = self._published(write, outcome)
-                except Conflict as exc:
-                    response = Response(status=409, body=error_body(exc.message))
-                results[index] = _result(response.status, response.body)
-            elif outcome:
-                results[index] = _result(204, b"")
-            else:
-                reason = _guards(write[2], write[3])
-                results[index] = _result(409, error_body(f"condition failed: {reason}"))
+            try:
+                if isinstance(outcome, BadRequest):
+                    raise outcome
+                response = self._written(write, outcome)
+            except ProtocolError as exc:
+                response = _refusal(exc)
+            results[index] = _result(response)
         return True
 
     async def _many(self, writes: list[GuardedWrite | PublishWrite]) -> list[object]:
@@ -335,6 +327,19 @@ class Router:
         event = parse_publish(body)
         absent = IF_ABSENT in params
         return PublishWrite(key, body, origin, event, if_status, if_rev, absent)
+
+    def _written(self, write: GuardedWrite | PublishWrite, outcome: object) -> Response:
+        """The reply to a guarded write, given what `_alone` or `_many` made of it.
+
+        Raises:
+            Conflict: a guard failed (nothing written).
+        """
+        if isinstance(write, PublishWrite):
+            assert outcome is None or isinstance(outcome, int)
+            return self._published(write, outcome)
+        if not outcome:
+            raise Conflict(f"condition failed: {_guards(write[2], write[3])}")
+        return _NO_CONTENT
 
     def _published(self, write: PublishWrite, seq: int | None) -> Response:
         if seq is None:
@@ -401,11 +406,16 @@ def _kind(write: GuardedWrite | PublishWrite) -> str | None:
     return write.origin if isinstance(write, PublishWrite) else None
 
 
-def _result(status: int, body: bytes) -> bytes:
+def _refusal(exc: ProtocolError) -> Response:
+    """The reply to a request refused with `exc`: its status and ``{"error": ...}``."""
+    return Response(status=exc.status_hint, body=error_body(exc.message))
+
+
+def _result(response: Response) -> bytes:
     """One result of a `POST /writes` reply: the status and JSON body of a PUT's own reply."""
-    if body:
-        return b'{"status":%d,"body":%s}' % (status, body)
-    return b'{"status":%d}' % status
+    if response.body:
+        return b'{"status":%d,"body":%s}' % (response.status, response.body)
+    return b'{"status":%d}' % response.status
 
 
 def _guards(status: str | None, revision: str | None) -> str:
