@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -51,7 +51,7 @@ from mesh_proto import MAX_EVENTS, BadRequest, is_origin
 
 from ._errors import PgError, StoreUnavailable
 from ._pg import PgPool, Rows
-from ._store import REVISION_TEXT, client_error, text_array, write_statement
+from ._store import ROW_GUARDS, client_error, text_array, write_statement
 
 logger = logging.getLogger("mesh_trio.stateproxy")
 
@@ -150,8 +150,7 @@ _PUT_PUBLISH_MANY = (
         "json_array_elements($7::json), json_array_elements_text($8::json)) "
         "WITH ORDINALITY AS t(k, b, s, r, e, c, i) WHERE locks.n >= 0), "
         "up AS (UPDATE kv SET value = w.b::jsonb -> 'value', updated_at = now() FROM w "
-        "WHERE kv.key = w.key AND (w.s IS NULL OR value->>'status' = w.s) "
-        f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.i), "
+        f"WHERE kv.key = w.key AND {ROW_GUARDS} RETURNING w.i), "
         f"items AS MATERIALIZED (SELECT nextval('{_SEQUENCE}') AS seq, w.k, w.key, w.e, w.c, w.i "
         "FROM w JOIN up ON up.i = w.i ORDER BY w.i), "
         "ins AS (INSERT INTO events (seq, key, origin, event) SELECT seq, key, $9, e::text "
@@ -215,6 +214,19 @@ def _lock_id(key: str) -> int:
 
 def _line(seq: int, key_json: str, origin_json: str, event_json: str) -> str:
     return f'{{"seq":{seq},"key":{key_json},"origin":{origin_json},"event":{event_json}}}'
+
+
+def _json_list(items: Sequence[str]) -> bytes:
+    """A JSON array of items that are JSON texts already."""
+    return ("[" + ",".join(items) + "]").encode()
+
+
+def _payload_plan(origin_json: str, keys: Sequence[str], events: Sequence[str]) -> bytes:
+    """The `payload_codes` of the watch lines of these events (keys and events as JSON), as
+    a JSON array: each line is counted with the longest seq."""
+    fixed = len(_line(0, "", origin_json, "")) - 1 + _SEQ_DIGITS
+    sizes = [fixed + len(k) + len(e) for k, e in zip(keys, events, strict=True)]
+    return _encode(payload_codes(sizes)).encode()
 
 
 def payload_codes(sizes: Sequence[int]) -> list[int]:
@@ -446,14 +458,13 @@ class EventBus:
             BadRequest: PostgreSQL refused a key (e.g. too long for the index).
         """
         origin_json = _encode(batch.origin)
-        fixed = len(_line(0, "", origin_json, "")) - 1 + _SEQ_DIGITS
-        codes = payload_codes([fixed + len(k) + len(e) for _, k, e in batch.items])
+        keys = [k for _, k, _ in batch.items]
+        events = [e for _, _, e in batch.items]
         params = (
-            str(self._lock_ns).encode(),
-            _encode(sorted({_lock_id(key) for key, _, _ in batch.items})).encode(),
-            ("[" + ",".join(k for _, k, _ in batch.items) + "]").encode(),
-            ("[" + ",".join(e for _, _, e in batch.items) + "]").encode(),
-            _encode(codes).encode(),
+            *self._locks(key for key, _, _ in batch.items),
+            _json_list(keys),
+            _json_list(events),
+            _payload_plan(origin_json, keys, events),
             batch.origin.encode(),
             origin_json.encode(),
             self.channel.encode(),
@@ -511,18 +522,15 @@ class EventBus:
         assert all(w.origin == origin and not w.absent for w in writes), "one origin, guards"
         origin_json = _encode(origin)
         keys = [_key_json(w.key) for w in writes]
-        fixed = len(_line(0, "", origin_json, "")) - 1 + _SEQ_DIGITS
-        sizes = [fixed + len(k) + len(w.event) for k, w in zip(keys, writes, strict=True)]
-        codes = payload_codes(sizes)
+        events = [w.event for w in writes]
         params = (
-            str(self._lock_ns).encode(),
-            _encode(sorted({_lock_id(w.key) for w in writes})).encode(),
-            ("[" + ",".join(keys) + "]").encode(),
+            *self._locks(w.key for w in writes),
+            _json_list(keys),
             text_array(w.body for w in writes),
             _encode([w.status for w in writes]).encode(),
             _encode([w.revision for w in writes]).encode(),
-            ("[" + ",".join(w.event for w in writes) + "]").encode(),
-            _encode(codes).encode(),
+            _json_list(events),
+            _payload_plan(origin_json, keys, events),
             origin.encode(),
             origin_json.encode(),
             self.channel.encode(),
@@ -598,9 +606,13 @@ class EventBus:
             self._turn.set()
             self._turn = trio.Event()
 
+    def _locks(self, keys: Iterable[str]) -> tuple[bytes, bytes]:
+        """The parameters of taking the advisory locks of `keys`: the namespace and the
+        sorted lock ids (so that every taker locks in one order and none deadlocks)."""
+        return str(self._lock_ns).encode(), _encode(sorted({_lock_id(k) for k in keys})).encode()
+
     async def _commit(self, group: list[_Write]) -> None:
-        ids = sorted({_lock_id(write.key) for write in group})
-        lock = (str(self._lock_ns).encode(), _encode(ids).encode())
+        lock = self._locks(write.key for write in group)
         results = await self.pool.execute_pipeline(
             [(_LOCK_KEYS, lock, b"sp_events_lock_keys"), *(write.step for write in group)]
         )

@@ -39,21 +39,24 @@ _UPDATE = "UPDATE kv SET value = $2::jsonb, updated_at = now() WHERE key = $1"
 _STATUS_IS = "value->>'status' = $3"
 # The stored revision as canonical decimal text: jsonb prints an integer without leading zeros
 # or fraction (3.0 stays "3.0", not an integer, as in mesh_proto's reading of `_rev`).
-REVISION_TEXT = (
+_REVISION = (
     f"(CASE WHEN jsonb_typeof(value->'{REVISION_KEY}') = 'number' "
     f"AND (value->>'{REVISION_KEY}') ~ '^-?[0-9]+$' THEN value->>'{REVISION_KEY}' ELSE '0' END)"
 )
 _PUT_IF_STATUS = f"{_UPDATE} AND {_STATUS_IS}".encode()
-_PUT_IF_REV = f"{_UPDATE} AND {REVISION_TEXT} = $3".encode()
-_PUT_IF_BOTH = f"{_UPDATE} AND {_STATUS_IS} AND {REVISION_TEXT} = $4".encode()
+_PUT_IF_REV = f"{_UPDATE} AND {_REVISION} = $3".encode()
+_PUT_IF_BOTH = f"{_UPDATE} AND {_STATUS_IS} AND {_REVISION} = $4".encode()
 # Many guarded writes of distinct keys in one statement (`POST /writes`): keys, values and guards
 # travel as four text arrays (NULL where a write has no such guard), each value is parsed as
 # jsonb on its own, and the statement returns the (1-based) position of each write it applied.
+# The guards of a batched write `w` on its row of kv: `w.s` the status, `w.r` the revision, each
+# NULL when the write has none (`_PUT_MANY_IF`; the bus's publishing batch, `_events.py`).
+_STATUS_OF_ROW = "(w.s IS NULL OR value->>'status' = w.s)"
+ROW_GUARDS = f"{_STATUS_OF_ROW} AND (w.r IS NULL OR {_REVISION} = w.r)"
 _PUT_MANY_IF = (
     "UPDATE kv SET value = w.v::jsonb, updated_at = now() FROM unnest($1::text[], "
     "$2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS w(k, v, s, r, n) "
-    "WHERE kv.key = w.k AND (w.s IS NULL OR value->>'status' = w.s) "
-    f"AND (w.r IS NULL OR {REVISION_TEXT} = w.r) RETURNING w.n::text"
+    f"WHERE kv.key = w.k AND {ROW_GUARDS} RETURNING w.n::text"
 ).encode()
 _DELETE = b"DELETE FROM kv WHERE key = $1"
 _LIST = b"SELECT coalesce(json_agg(key ORDER BY key), '[]')::text FROM kv WHERE key LIKE $1"
