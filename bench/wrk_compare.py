@@ -171,12 +171,13 @@ def measure(server: run.Server, scenario: str, ids: list[str], args: argparse.Na
     path = f"{PREFIX}/mesh/?actor=bench" if scenario == "create" else "/"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(source)
-    before_server, before_wrk, started = (
+    before_pg = pg_backends_cpu(server)  # a query: outside the measured window
+    before_server, before_mesh, before_wrk, started = (
         server_cpu(server),
+        cpu_seconds(server.pid),
         children_cpu(os.getpid()),
         time.monotonic(),
     )
-    before_mesh, before_pg = cpu_seconds(server.pid), pg_backends_cpu(server)
     figures = run_wrk(f.name, args.connections, args.duration, f"http://127.0.0.1:{port}{path}")
     wall = time.monotonic() - started
     used_cpu = server_cpu(server) - before_server
